@@ -1,0 +1,53 @@
+"""``medsynth evaluate``: score synthetic sets against a real one and write a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from medsynth_core import ConfigError, default_registry, evaluate, open_dataset, write_report
+
+from .app import app
+from .commands_run import make_context
+from .console import log
+from .errors import reports_errors
+from .options import apply_sets
+from .reporting import print_results
+
+
+@app.command("evaluate")
+@reports_errors
+def evaluate_command(
+    real: Path = typer.Option(..., "--real", help="Real dataset folder."),
+    synthetic: list[Path] = typer.Option(..., "--synthetic", help="Synthetic dataset folder (repeatable)."),
+    evaluator: list[str] = typer.Option(..., "--evaluator", "-e", help="Evaluator name (repeatable)."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for report.json and report.md."),
+    sets: list[str] = typer.Option([], "--set", "-s", help="EVALUATOR.OPTION=VALUE, e.g. mask-stats.min_component=9."),
+    device: str = typer.Option("auto", "--device", help="'auto', 'cpu', 'cuda', ..."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json to standard output."),
+) -> None:
+    """Score one or more synthetic sets against the real set with any evaluators."""
+    raw = apply_sets({"evaluators": [{"name": e} for e in evaluator]}, sets)
+    context = make_context(device)
+    registry = default_registry()
+    evaluators = []
+    for stage in raw["evaluators"]:
+        options = {k: v for k, v in stage.items() if k != "name"}
+        evaluators.append(registry.create("evaluator", stage["name"], options, context=context))
+    if len(set(map(str, synthetic))) != len(synthetic):
+        raise ConfigError("the same --synthetic folder is given twice")
+    real_set = open_dataset(real)
+    synthetic_sets = [open_dataset(path, labels=real_set.labels) for path in synthetic]
+    for dataset in (real_set, *synthetic_sets):
+        dataset.validate(context.progress)
+    results = []
+    for dataset in synthetic_sets:
+        results += evaluate(evaluators, real_set, dataset)
+    json_path, md_path = write_report(out, real_set, results)
+    if as_json:
+        typer.echo(json_path.read_text())
+        return
+    print_results(results)
+    log(f"report: {md_path}")
+

@@ -1,0 +1,131 @@
+"""``medsynth run`` and ``medsynth train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from medsynth_core import (
+    ConfigError,
+    Context,
+    PipelineError,
+    build_config,
+    build_pipeline,
+    default_registry,
+    open_dataset,
+    parse_pipeline,
+    read_pipeline_file,
+    run_pipeline,
+)
+from medsynth_core.checkpoint import CARD as CHECKPOINT_CARD
+from medsynth_core.checkpoint import read_checkpoint_card
+
+from .app import app
+from .console import RichProgress, log, settings
+from .errors import reports_errors
+from .options import apply_sets, parse_extra_options
+from .reporting import print_results
+
+
+def make_context(device: str) -> Context:
+    """The context every component of one command shares."""
+    return Context(device=resolve_device(device), progress=RichProgress(quiet=settings.quiet), log=log)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@app.command("run")
+@reports_errors
+def run(
+    pipeline: Path | None = typer.Argument(None, help="Pipeline TOML file; or describe the stages with flags."),
+    data: str | None = typer.Option(None, "--data", help="Real dataset folder (overrides [run] data)."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Output folder (overrides [run] out)."),
+    n: int | None = typer.Option(None, "--n", "-n", help="Pairs to keep (overrides [run] n)."),
+    seed: int | None = typer.Option(None, "--seed", help="Run seed (overrides [run] seed)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Samples per batch."),
+    device: str | None = typer.Option(None, "--device", help="'auto', 'cpu', 'cuda', ..."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
+    generator: str | None = typer.Option(None, "--generator", "-g", help="Generator, when no pipeline file."),
+    mask_source: str | None = typer.Option(None, "--mask-source", "-m", help="Mask source, when no file."),
+    refiner: list[str] = typer.Option([], "--refiner", help="Refiner (repeatable), when no pipeline file."),
+    filter_: list[str] = typer.Option([], "--filter", help="Filter (repeatable), when no pipeline file."),
+    evaluator: list[str] = typer.Option([], "--evaluator", help="Evaluator (repeatable), when no file."),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help="Checkpoint of a trained generator."),
+    sets: list[str] = typer.Option([], "--set", "-s", help="SECTION.OPTION=VALUE, e.g. generator.rotation=15."),
+) -> None:
+    """Run a pipeline: mask source -> generator -> refiners -> filters -> write -> evaluators."""
+    stage_flags = generator or mask_source or refiner or filter_ or evaluator
+    if pipeline is not None and stage_flags:
+        raise ConfigError("give either a pipeline file or stage flags (--generator, ...), not both")
+    if pipeline is None and not generator:
+        raise ConfigError("give a pipeline file, or at least --generator NAME")
+    if pipeline is not None:
+        raw, where = read_pipeline_file(pipeline), str(pipeline)
+    else:
+        raw, where = _pipeline_from_flags(generator, mask_source, refiner, filter_, evaluator), "command line"
+    if checkpoint:
+        raw.setdefault("generator", {})
+        raw["generator"] = {**raw["generator"], "checkpoint": checkpoint}
+    raw = apply_sets(raw, sets)
+    overrides = {"data": data, "out": out, "n": n, "seed": seed, "batch_size": batch_size, "device": device}
+    spec = parse_pipeline(raw, where, overrides)
+    context = make_context(spec.run.device)
+    built = build_pipeline(spec, default_registry(), context)
+    real = open_dataset(spec.run.data) if spec.run.data else None
+    result = run_pipeline(built, resume=resume, real=real)
+    dropped = ", ".join(f"{k}: {v}" for k, v in result.dropped_by.items()) or "none"
+    log(f"kept {result.kept} pairs in {result.out} (dropped {result.dropped}: {dropped})")
+    if result.results:
+        print_results(result.results)
+        log(f"report: {result.out / 'report.md'}")
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@reports_errors
+def train(
+    ctx: typer.Context,
+    generator: str = typer.Argument(..., help="Trainable generator (see `medsynth list --role generator`)."),
+    data: Path = typer.Option(..., "--data", help="Real dataset folder (images/ + masks/)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write."),
+    device: str = typer.Option("auto", "--device", help="'auto', 'cpu', 'cuda', ..."),
+    resume: bool = typer.Option(False, "--resume", help="Continue training from the checkpoint in --out."),
+) -> None:
+    """Train a generator; its options follow as --name value (see `medsynth info GENERATOR`)."""
+    registry = default_registry()
+    info = registry.get("generator", generator)
+    if not info.cls.trainable:
+        raise ConfigError(f"generator {generator!r} needs no training; use it directly in `medsynth run`")
+    options = parse_extra_options(ctx.args, info.cls.Config, f"generator {generator!r}")
+    build_config(info.cls.Config, options, f"generator {generator!r}")  # check before touching the disk
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise PipelineError(f"{out}: folder is not empty; pass --resume to continue training there")
+        if (out / CHECKPOINT_CARD).is_file():
+            read_checkpoint_card(out, expected=generator)
+    dataset = open_dataset(data, require_masks=False)
+    context = make_context(device)
+    dataset.validate(context.progress)
+    component = registry.create("generator", generator, options, context=context)
+    checkpoint = component.fit(dataset, out)
+    log(f"checkpoint: {checkpoint}")
+
+
+def _pipeline_from_flags(generator: str | None, mask_source: str | None, refiners: list[str],
+                         filters: list[str], evaluators: list[str]) -> dict[str, Any]:
+    raw: dict[str, Any] = {"generator": {"name": generator}}
+    if mask_source:
+        raw["mask_source"] = {"name": mask_source}
+    for key, names in (("refiners", refiners), ("filters", filters), ("evaluators", evaluators)):
+        if names:
+            raw[key] = [{"name": n} for n in names]
+    return raw
+

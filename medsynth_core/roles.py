@@ -1,0 +1,159 @@
+"""The five roles a component can fill, as small base classes.
+
+Every component has a registry ``name``, a one-line ``description`` (the first line of its
+docstring unless set), a ``Config`` dataclass of options with defaults and help texts, and a
+``context`` (device, progress, log). A component sees its inputs, never the pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .config import EmptyConfig
+from .progress import Progress, SilentProgress
+from .sample import Condition, Metric, Sample, Verdict
+
+if TYPE_CHECKING:
+    from .dataset import Dataset
+
+_log = logging.getLogger("medsynth")
+
+
+@dataclass
+class Context:
+    """What the runner lends a component: where to compute, how to report.
+
+    ``device`` is a torch device string. ``progress`` opens progress bars. ``log`` takes one
+    human-readable line (the CLI prints it unless ``--quiet``). ``extras`` is room for
+    run-wide services (for example a distributed launcher) without changing signatures.
+    """
+
+    device: str = "cpu"
+    progress: Progress = field(default_factory=SilentProgress)
+    log: Callable[[str], None] = _log.info
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Component:
+    """Base of all components: a name, a description, a typed config and a context."""
+
+    Config: ClassVar[type] = EmptyConfig
+    description: ClassVar[str] = ""
+    role: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None, *, context: Context | None = None, name: str = "") -> None:
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"{type(self).__name__} expects a {self.Config.__name__}, got {type(self.config).__name__}")
+        self.context = context or Context()
+        self.name = name or type(self).__name__
+        self.plugin = type(self).__module__  # the registry replaces these with the providing plugin
+        self.version = "unknown"
+
+    @classmethod
+    def summary(cls) -> str:
+        """The one-line description: ``description`` or the docstring's first line."""
+        if cls.description:
+            return cls.description
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+class MaskSource(Component):
+    """Gives one Condition per requested sample.
+
+    ``provides`` names the condition kinds it fills (``mask``, ``image``, ``prompt``); a
+    generator whose ``requires`` is not covered is rejected before the run. Sources that learn
+    from the real set set ``needs_data`` and implement ``fit``.
+    """
+
+    role = "mask_source"
+    provides: ClassVar[frozenset[str]] = frozenset({"mask"})
+    needs_data: ClassVar[bool] = False
+
+    def fit(self, dataset: Dataset) -> None:
+        """Learn from the real dataset (called once before ``conditions``); optional."""
+
+    def conditions(self, indices: Sequence[int], seeds: Sequence[int]) -> list[Condition]:
+        """Return one Condition per sample index.
+
+        ``seeds[k]`` is the seed of sample ``indices[k]``; the condition of a sample must depend
+        only on its index and seed, never on the batch it arrives in.
+        """
+        raise NotImplementedError
+
+
+class Generator(Component):
+    """Makes samples from conditions.
+
+    ``requires``: condition kinds it needs. ``makes``: what its samples carry besides the image
+    (``mask``, ``soft_mask``); a sample without either gets the condition's mask as its mask.
+    Trainable generators set ``trainable`` and implement ``fit`` and ``load``.
+    """
+
+    role = "generator"
+    requires: ClassVar[frozenset[str]] = frozenset()
+    makes: ClassVar[frozenset[str]] = frozenset()
+    trainable: ClassVar[bool] = False
+
+    def fit(self, dataset: Dataset, workdir: Path) -> Path:
+        """Train on ``dataset``, writing checkpoints into ``workdir``; return the checkpoint folder.
+
+        Calling it again on the same ``workdir`` resumes from the last checkpoint written there.
+        """
+        raise NotImplementedError(f"{self.name} needs no training")
+
+    def load(self, checkpoint: Path) -> None:
+        """Load the weights written by ``fit`` (a folder, or a hub id for pretrained models)."""
+        raise NotImplementedError(f"{self.name} has no checkpoint to load")
+
+    def generate(self, conditions: Sequence[Condition], seeds: Sequence[int]) -> list[Sample]:
+        """Return one Sample per condition, sample ``k`` drawn with ``seeds[k]`` alone."""
+        raise NotImplementedError
+
+
+class Refiner(Component):
+    """Improves samples, for example a soft mask turned into a binary mask."""
+
+    role = "refiner"
+
+    def refine(self, samples: Sequence[Sample]) -> list[Sample]:
+        """Return the refined samples, one per input, in the same order."""
+        raise NotImplementedError
+
+
+class Filter(Component):
+    """Scores samples and decides which to keep.
+
+    Filters that learn from the real set (for example a segmenter) set ``needs_data`` and
+    implement ``fit``, called once before the first ``judge``.
+    """
+
+    role = "filter"
+    needs_data: ClassVar[bool] = False
+
+    def fit(self, dataset: Dataset) -> None:
+        """Learn from the real dataset before judging; optional."""
+
+    def judge(self, samples: Sequence[Sample]) -> list[Verdict]:
+        """Return one Verdict per sample, in order; each depends on its own sample only."""
+        raise NotImplementedError
+
+
+class Evaluator(Component):
+    """Scores a synthetic dataset against a real one."""
+
+    role = "evaluator"
+
+    def evaluate(self, real: Dataset, synthetic: Dataset) -> list[Metric]:
+        """Return named metrics, each with the direction in which it improves."""
+        raise NotImplementedError
+
+
+ROLE_CLASSES: dict[str, type[Component]] = {
+    cls.role: cls for cls in (Generator, MaskSource, Refiner, Filter, Evaluator)
+}
