@@ -25,4 +25,4 @@ def demo_data(
     """Write seeded chest-radiograph phantoms with lung masks: data for every command, no download."""
     folder = write_demo_dataset(out, n=n, size=size, seed=seed, nodules=nodules,
                                 progress=RichProgress(quiet=settings.quiet))
-    log(f"wrote {n} pairs to {folder}")
+    log(f"demo set of {n} pairs ready in {folder}")

@@ -19,8 +19,16 @@ from .errors import (
 )
 from .hookspecs import hookimpl, hookspec
 from .image_io import read_image, read_mask, write_png_image, write_png_mask
-from .pipeline import (Pipeline, PipelineSpec, RunConfig, StageSpec, build_pipeline, load_pipeline, parse_pipeline,
-                       read_pipeline_file)
+from .pipeline import (
+    Pipeline,
+    PipelineSpec,
+    RunConfig,
+    StageSpec,
+    build_pipeline,
+    load_pipeline,
+    parse_pipeline,
+    read_pipeline_file,
+)
 from .progress import Progress, ProgressTask, SilentProgress
 from .registry import ROLES, ComponentInfo, Registry, default_registry, make_plugin_manager
 from .report import EvaluatorResult, evaluate, write_report
@@ -30,13 +38,14 @@ from .sample import Condition, Metric, Sample, Verdict
 from .seeds import numpy_rng, sample_seed, torch_generator
 
 __all__ = [
-    "ROLES", "CheckpointError", "Component", "ComponentInfo", "Condition", "ConfigError", "Context", "Dataset",
+    "CheckpointError", "Component", "ComponentInfo", "Condition", "ConfigError", "Context", "Dataset",
     "DatasetError", "EmptyConfig", "Evaluator", "EvaluatorResult", "Filter", "Generator", "MaskSource",
     "MedsynthError", "Metric", "OptionInfo", "PairFiles", "Pipeline", "PipelineError", "PipelineSpec",
-    "PluginError", "Progress", "ProgressTask", "Refiner", "Registry", "RunConfig", "RunResult", "Sample",
+    "PluginError", "Progress", "ProgressTask", "ROLES", "Refiner", "Registry", "RunConfig", "RunResult", "Sample",
     "SilentProgress", "StageSpec", "UnknownComponentError", "Verdict", "build_config", "build_pipeline",
     "config_to_dict", "default_registry", "describe_config", "evaluate", "foreground_fraction", "hookimpl",
     "hookspec", "load_pipeline", "load_torch", "make_plugin_manager", "numpy_rng", "open_dataset", "option",
-    "parse_pipeline", "read_pipeline_file", "read_checkpoint_card", "read_image", "read_mask", "run_pipeline", "sample_seed",
-    "save_torch", "torch_generator", "write_checkpoint_card", "write_png_image", "write_png_mask", "write_report",
+    "parse_pipeline", "read_checkpoint_card", "read_image", "read_mask", "read_pipeline_file", "run_pipeline",
+    "sample_seed", "save_torch", "torch_generator", "write_checkpoint_card", "write_png_image", "write_png_mask",
+    "write_report",
 ]

@@ -114,9 +114,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() == "none" and type(None) in args):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() == "none")
+        if is_none and type(None) in args:
+            return None
         for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(value, arg, where)

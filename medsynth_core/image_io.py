@@ -66,7 +66,10 @@ def read_image(path: Path) -> np.ndarray:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
         raise DatasetError(f"{path}: expected a 2-D image, got an array of shape {arr.shape}")
-    return to_unit_float(arr)
+    try:
+        return to_unit_float(arr)
+    except DatasetError as err:
+        raise DatasetError(f"{path}: {err}") from None
 
 
 def read_mask(path: Path, allowed: frozenset[int] | None = None) -> np.ndarray:
@@ -84,9 +87,8 @@ def read_mask(path: Path, allowed: frozenset[int] | None = None) -> np.ndarray:
     if split_suffix(path)[1] in LOSSY_SUFFIXES:
         top = 255 if arr.max() > 1 else 1
         return (arr > top / 2).astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(arr == np.round(arr)):
-            raise DatasetError(f"{path}: mask has fractional values; masks must hold integer labels")
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(arr == np.round(arr)):
+        raise DatasetError(f"{path}: mask has fractional values; masks must hold integer labels")
     values = {int(v) for v in np.unique(arr)}
     if values <= {0, 255}:
         return (arr > 0).astype(np.uint8)
@@ -109,11 +111,12 @@ def to_unit_float(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint16:
         return arr.astype(np.float32) / 65535.0
     out = arr.astype(np.float64)
-    lo, hi = float(np.nanmin(out)), float(np.nanmax(out))
-    if not np.isfinite(lo) or not np.isfinite(hi):
+    finite = out[np.isfinite(out)]
+    if not finite.size:
         raise DatasetError("image holds no finite values")
+    lo, hi = float(finite.min()), float(finite.max())  # a stray inf or NaN must not flatten the rest
     out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
-    return np.nan_to_num(out, nan=0.0).astype(np.float32)
+    return np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0).astype(np.float32)
 
 
 def encode_png_image(image: np.ndarray) -> bytes:

@@ -37,6 +37,9 @@ def read_manifest(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     if repair and good_bytes < len(raw):
         with open(path, "r+b") as fh:
             fh.truncate(min(good_bytes, len(raw)))
+    elif repair and raw and not raw.endswith(b"\n"):
+        with open(path, "ab") as fh:
+            fh.write(b"\n")  # a complete last record that lost its newline: keep it, end the line
     return records
 
 

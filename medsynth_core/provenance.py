@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 _PACKAGES = ("medsynth", "torch", "diffusers", "numpy", "scikit-image", "segmentation-models-pytorch")
 
@@ -24,4 +24,4 @@ def software_versions() -> dict[str, str]:
 
 def now_iso() -> str:
     """The current UTC time, ISO 8601, to the second."""
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.now(UTC).replace(microsecond=0).isoformat()

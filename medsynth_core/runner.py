@@ -9,6 +9,7 @@ record is on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -224,7 +225,8 @@ def _prepare_folder(out: Path, pipeline: Pipeline, resume: bool) -> bool:
         raise PipelineError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not resume:
-            raise PipelineError(f"{out}: folder is not empty; pass --resume to continue its run, or choose another --out")
+            raise PipelineError(f"{out}: folder is not empty; pass --resume to continue its run, "
+                                "or choose another --out")
         card_path = out / CARD
         if not card_path.is_file():
             raise PipelineError(f"{out}: not a medsynth run folder (no {CARD}); cannot resume it")
@@ -268,10 +270,8 @@ def _write_card(out: Path, pipeline: Pipeline, labels: dict[str, int], records: 
     card_path = out / CARD
     created = now_iso()
     if card_path.is_file():
-        try:
+        with contextlib.suppress(ValueError):
             created = json.loads(card_path.read_text()).get("created", created)
-        except ValueError:
-            pass
     kept = sum(1 for r in records if r["kept"])
     write_json_atomic(card_path, {
         "name": out.name,
