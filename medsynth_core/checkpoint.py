@@ -42,6 +42,8 @@ def read_checkpoint_card(folder: str | Path, expected: str | None = None) -> dic
         card = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{path}: unreadable (expected a JSON object)")
     if expected is not None and card.get("component") != expected:
         raise CheckpointError(f"{folder}: checkpoint of {card.get('component')!r}, not of {expected!r}")
     return card

@@ -10,7 +10,7 @@ def test_densecrf_binding_imports_under_the_pydensecrf_name() -> None:
     from pydensecrf.utils import unary_from_softmax
 
     h, w = 16, 16
-    prob = np.full((2, h, w), 0.5, dtype=np.float32)
+    prob = np.stack([np.full((h, w), 0.8), np.full((h, w), 0.2)]).astype(np.float32)
     prob[1, 4:12, 4:12], prob[0, 4:12, 4:12] = 0.9, 0.1
     crf = dcrf.DenseCRF2D(w, h, 2)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(prob)))
