@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+from pathlib import Path
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from medsynth_core import ROLES, default_registry, describe_config
+from medsynth_core import ROLES, default_registry, describe_config, read_checkpoint_card
 from medsynth_core.registry import ROLE_TITLES
 
 from .app import app
@@ -40,19 +42,29 @@ def list_components(
 @app.command("info")
 @reports_errors
 def info(
-    name: str = typer.Argument(..., help="Component name, as shown by `medsynth list`."),
+    name: str = typer.Argument(..., help="Component name (see `medsynth list`), or a checkpoint folder."),
     role: str | None = typer.Option(None, "--role", "-r", help="Role, when several roles share the name."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Show a component's description and options with their types, defaults and help."""
+    """Show a component's options with types, defaults and help; or the card of a checkpoint folder."""
     registry = default_registry()
+    known = any(c.name == name for c in registry.components())
+    if not known and Path(name).is_dir():
+        card = read_checkpoint_card(name)
+        if as_json:
+            typer.echo(json.dumps(card, indent=2))
+        else:
+            what = f"{card.get('component')!r}, step {card.get('step')}"
+            out_console.print(f"[bold]checkpoint[/] {escape(name)} of {what}")
+            out_console.print_json(data=card)
+        return
     infos = [registry.get(role.replace("-", "_"), name)] if role else registry.find(name)
     payload = []
     for c in infos:
         options = describe_config(c.cls.Config)
         payload.append({
             "role": c.role, "name": c.name, "plugin": c.plugin, "version": c.version,
-            "description": c.description, "doc": (c.cls.__doc__ or "").strip(),
+            "description": c.description, "doc": inspect.cleandoc(c.cls.__doc__ or ""),
             "options": [{"name": o.name, "type": o.type, "default": o.default, "help": o.help} for o in options],
         })
     if as_json:

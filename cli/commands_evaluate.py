@@ -39,6 +39,10 @@ def evaluate_command(
         raise ConfigError("the same --synthetic folder is given twice")
     real_set = open_dataset(real)
     synthetic_sets = [open_dataset(path, labels=real_set.labels) for path in synthetic]
+    names = [d.name for d in synthetic_sets]
+    for dataset, path in zip(synthetic_sets, synthetic):
+        if names.count(dataset.name) > 1:
+            dataset.name = str(path)  # two folders of the same name must stay apart in the report
     for dataset in (real_set, *synthetic_sets):
         dataset.validate(context.progress)
     results = []

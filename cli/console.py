@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -94,9 +95,10 @@ class RichProgress:
 def log(message: str) -> None:
     """Print one informational line unless ``--quiet``."""
     if not settings.quiet:
-        err_console.print(message)
+        # paths and "[generator]" are text, not rich markup; a wrapped path could not be copied
+        err_console.print(escape(message), soft_wrap=True)
 
 
 def error(message: str) -> None:
     """Print one error line."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)

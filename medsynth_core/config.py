@@ -101,7 +101,7 @@ def type_name(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " | ".join(type_name(a) for a in args)
     if origin in (tuple, list):
-        if len(args) == 2 and args[1] is Ellipsis:
+        if (len(args) == 2 and args[1] is Ellipsis) or (origin is list and len(args) == 1):
             return f"{type_name(args[0])}, ..."
         return ", ".join(type_name(a) for a in args)
     if tp is type(None):
@@ -131,8 +131,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise _wrong(value, tp, where)
-        if len(args) == 2 and args[1] is Ellipsis:
-            item_types = [args[0]] * len(items)
+        if (len(args) == 2 and args[1] is Ellipsis) or (origin is list and len(args) == 1):
+            item_types = [args[0]] * len(items)  # list[X], like tuple[X, ...], holds any number of X
         elif args:
             if len(items) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} values ({type_name(tp)}), got {len(items)}")

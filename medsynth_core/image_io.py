@@ -75,7 +75,8 @@ def read_image(path: Path) -> np.ndarray:
 def read_mask(path: Path, allowed: frozenset[int] | None = None) -> np.ndarray:
     """Read a mask as a uint8 label map.
 
-    Binary masks stored as {0, 255} or {0, 1} both give {0, 1}. Lossy JPEG masks are binarised
+    Values among ``allowed`` (the dataset's declared labels, {0, 1} by default) are kept as they
+    are; otherwise a binary mask stored as {0, 255} gives {0, 1}. Lossy JPEG masks are binarised
     at half range, since compression smears their edges. Any other values must be among
     ``allowed`` (the dataset's declared labels), else DatasetError.
     """
@@ -90,11 +91,11 @@ def read_mask(path: Path, allowed: frozenset[int] | None = None) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.floating) and not np.all(arr == np.round(arr)):
         raise DatasetError(f"{path}: mask has fractional values; masks must hold integer labels")
     values = {int(v) for v in np.unique(arr)}
-    if values <= {0, 255}:
-        return (arr > 0).astype(np.uint8)
     labels = allowed if allowed is not None else frozenset({0, 1})
     if values <= labels:
         return arr.astype(np.uint8)
+    if values <= {0, 255}:
+        return (arr > 0).astype(np.uint8)
     shown = ", ".join(str(v) for v in sorted(values)[:8]) + (", ..." if len(values) > 8 else "")
     raise DatasetError(
         f"{path}: mask values {{{shown}}} are not a binary mask ({{0, 1}} or {{0, 255}}) "

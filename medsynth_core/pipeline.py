@@ -107,14 +107,6 @@ class PipelineSpec:
             "evaluators": [s.to_dict() for s in self.evaluators],
         }
 
-    def fingerprint(self) -> str:
-        """A hash of everything that decides which pairs a run makes (not n, batch size or out)."""
-        data = self.to_dict()
-        for key in ("n", "batch_size", "out", "max_candidates", "device"):
-            data["run"].pop(key, None)
-        data.pop("evaluators")
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
 
 def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineSpec:
     """Read a TOML pipeline file; ``overrides`` replaces ``[run]`` keys (from CLI flags)."""
@@ -145,7 +137,8 @@ def parse_pipeline(data: Mapping[str, Any], where: str = "pipeline",
     run = build_config(RunConfig, run_values, f"{where} [run]")
     if "generator" not in data:
         raise ConfigError(f"{where}: no [generator] section; name the generator to run")
-    gen_table = dict(_table(data["generator"], f"{where} [generator]"))
+    gen_value = data["generator"]
+    gen_table = {"name": gen_value} if isinstance(gen_value, str) else dict(_table(gen_value, f"{where} [generator]"))
     checkpoint = gen_table.pop("checkpoint", None)
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise ConfigError(f"{where} [generator]: checkpoint must be a string path, got {checkpoint!r}")
@@ -179,6 +172,22 @@ class Pipeline:
             or any(f.needs_data for f in self.filters)
             or self.evaluators
         )
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides which pairs a run makes.
+
+        Built from the components' full configs, so an option written out at its default value
+        and one left out give the same fingerprint; n, batch size, output folder, device and
+        evaluators do not count.
+        """
+        stages = [self.mask_source, self.generator, *self.refiners, *self.filters]
+        data = {
+            "seed": self.spec.run.seed,
+            "data": self.spec.run.data,
+            "checkpoint": self.spec.checkpoint,
+            "stages": [[c.role, c.name, config_to_dict(c.config)] for c in stages if c is not None],
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def stages(self) -> list[Any]:
         """Every component in running order."""
@@ -216,6 +225,8 @@ def _check_fit(p: Pipeline) -> None:
     if not gen.makes & {"mask", "soft_mask"} and "mask" not in provided:
         raise ConfigError(f"generator {gen.name!r} makes no mask and no mask source gives one; "
                           "add a [mask_source] such as 'real-masks'")
+    if p.spec.checkpoint and not gen.trainable:
+        raise ConfigError(f"generator {gen.name!r} is not trained and takes no checkpoint; remove the checkpoint")
     if gen.trainable and not p.spec.checkpoint:
         raise ConfigError(f"generator {gen.name!r} needs a checkpoint: run `medsynth train {gen.name}` "
                           "and set [generator] checkpoint to its --out folder")

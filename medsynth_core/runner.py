@@ -65,12 +65,12 @@ def run_pipeline(pipeline: Pipeline, out: str | Path | None = None, *, resume: b
     if real is not None and pipeline.needs_data:
         real.validate(pipeline.generator.context.progress)
 
-    created = _prepare_folder(out, pipeline, resume)
+    fresh = _prepare_folder(out, pipeline, resume)
     try:
         return _run(pipeline, out, real)
     except BaseException:
-        if created and not read_manifest(out / MANIFEST):
-            shutil.rmtree(out, ignore_errors=True)  # nothing worth resuming: leave no half-made folder
+        if fresh is not None and not any(r["kept"] for r in read_manifest(out / MANIFEST)):
+            _discard(out, fresh)  # nothing worth resuming: leave no half-made folder
         raise
 
 
@@ -219,8 +219,8 @@ def _stage_record(component: Component) -> dict[str, Any]:
             "version": component.version, "config": config_to_dict(component.config)}
 
 
-def _prepare_folder(out: Path, pipeline: Pipeline, resume: bool) -> bool:
-    """Make or check ``out``; return True when this call created it."""
+def _prepare_folder(out: Path, pipeline: Pipeline, resume: bool) -> str | None:
+    """Make or check ``out``; say whether this run starts it: ``"created"``, ``"was-empty"`` or None."""
     if out.exists() and not out.is_dir():
         raise PipelineError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -234,13 +234,25 @@ def _prepare_folder(out: Path, pipeline: Pipeline, resume: bool) -> bool:
             card = json.loads(card_path.read_text())
         except ValueError:
             raise PipelineError(f"{card_path}: damaged; cannot resume") from None
-        if card.get("fingerprint") != pipeline.spec.fingerprint():
+        if card.get("fingerprint") != pipeline.fingerprint():
             raise PipelineError(f"{out}: was made by a different pipeline (seed, data or stages differ); "
                                 "resume it with the same pipeline or choose another --out")
-        return False
-    created = not out.exists()
+        return None
+    state = "was-empty" if out.exists() else "created"
     out.mkdir(parents=True, exist_ok=True)
-    return created
+    return state
+
+
+def _discard(out: Path, state: str) -> None:
+    """Undo a run that kept nothing: remove the folder it made, or empty the one it was given."""
+    if state == "created":
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _remove_orphans(out: Path, records: list[dict[str, Any]]) -> None:
@@ -285,7 +297,7 @@ def _write_card(out: Path, pipeline: Pipeline, labels: dict[str, int], records: 
         "pairs": kept,
         "candidates": len(records),
         "dropped": len(records) - kept,
-        "fingerprint": pipeline.spec.fingerprint(),
+        "fingerprint": pipeline.fingerprint(),
         "pipeline": pipeline.spec.to_dict(),
         "stages": [_stage_record(c) for c in pipeline.stages()],
     })

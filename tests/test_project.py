@@ -43,7 +43,8 @@ def test_hook_is_documented_and_tested(hook: str) -> None:
 
 def test_reference_is_up_to_date() -> None:
     committed = (ROOT / "docs" / "reference.md").read_text()
-    assert committed == render_reference(), "docs/reference.md is stale: run `medsynth reference --out docs/reference.md`"
+    stale = "docs/reference.md is stale: run `medsynth reference --out docs/reference.md`"
+    assert committed == render_reference(), stale
 
 
 def test_every_plugin_package_is_under_the_independence_contract() -> None:
