@@ -35,7 +35,7 @@ class PairFiles:
 
 
 class Dataset(Sequence[Sample]):
-    """An indexable collection of samples, loaded lazily and cached.
+    """An indexable collection of samples, loaded lazily and (unless ``cache=False``) kept.
 
     ``labels`` maps label names to mask values (0 is the background). ``root`` is the folder it
     came from, if any. Build one from a folder with :func:`open_dataset`, or from samples in
@@ -50,9 +50,11 @@ class Dataset(Sequence[Sample]):
         root: Path | None = None,
         name: str = "",
         files: Sequence[PairFiles] = (),
+        cache: bool = True,
     ) -> None:
         self._loaders = list(loaders)
         self._cache: dict[int, Sample] = {}
+        self._caching = cache
         self.labels = dict(labels or BINARY_LABELS)
         self.root = root
         self.name = name or (root.name if root else "in-memory")
@@ -74,6 +76,8 @@ class Dataset(Sequence[Sample]):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
+        if not self._caching:
+            return self._loaders[index]()
         if index not in self._cache:
             self._cache[index] = self._loaders[index]()
         return self._cache[index]

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .config import EmptyConfig
 from .progress import Progress, SilentProgress
@@ -130,17 +130,25 @@ class Filter(Component):
     """Scores samples and decides which to keep.
 
     Filters that learn from the real set (for example a segmenter) set ``needs_data`` and
-    implement ``fit``, called once before the first ``judge``.
+    implement ``fit``, called once before the first ``judge``. A filter with ``scope = "set"``
+    judges the whole generated set at once, after generation (for example ranking pairs by a
+    segmenter trained on all of them); then ``[run] n`` counts the pairs it is shown, and the
+    pairs it drops move to ``dropped/``.
     """
 
     role = "filter"
     needs_data: ClassVar[bool] = False
+    scope: ClassVar[Literal["sample", "set"]] = "sample"
 
     def fit(self, dataset: Dataset) -> None:
         """Learn from the real dataset before judging; optional."""
 
     def judge(self, samples: Sequence[Sample]) -> list[Verdict]:
-        """Return one Verdict per sample, in order; each depends on its own sample only."""
+        """Return one Verdict per sample, in order.
+
+        With ``scope = "sample"`` each verdict depends on its own sample only; with
+        ``scope = "set"`` ``samples`` is the whole set, loaded lazily from disk.
+        """
         raise NotImplementedError
 
 

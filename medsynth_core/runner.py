@@ -31,6 +31,7 @@ from .report import EvaluatorResult, evaluate, write_report
 from .roles import Component
 from .sample import Condition, Sample
 from .seeds import sample_seed
+from .set_filtering import DROPPED, apply_set_filters, is_candidate, place_files
 
 CARD = "dataset.json"
 MANIFEST = "manifest.jsonl"
@@ -78,6 +79,7 @@ def _run(pipeline: Pipeline, out: Path, real: Dataset | None) -> RunResult:
     spec = pipeline.spec
     ctx = pipeline.generator.context
     records = read_manifest(out / MANIFEST, repair=True)
+    place_files(out, records)
     _remove_orphans(out, records)
     _check_records(out, records)
     labels = real.labels if real is not None else BINARY_LABELS
@@ -91,7 +93,7 @@ def _run(pipeline: Pipeline, out: Path, real: Dataset | None) -> RunResult:
     if pipeline.generator.trainable:
         pipeline.generator.load(Path(spec.checkpoint))
 
-    kept = sum(1 for r in records if r["kept"])
+    kept = sum(1 for r in records if is_candidate(r))  # set filters judge later; n counts what they see
     next_index = max((r["index"] for r in records), default=-1) + 1
     limit = spec.run.max_candidates or CANDIDATE_FACTOR * spec.run.n
     allowed = frozenset(labels.values()) | {0}
@@ -117,6 +119,9 @@ def _run(pipeline: Pipeline, out: Path, real: Dataset | None) -> RunResult:
                     break
 
     records = read_manifest(out / MANIFEST)
+    set_filters = [f for f in pipeline.filters if f.scope == "set"]
+    if set_filters and any(f.name not in r["scores"] for r in records if is_candidate(r) for f in set_filters):
+        records = apply_set_filters(out, records, set_filters, allowed, out / MANIFEST)
     dropped_by: dict[str, int] = {}
     for r in records:
         if not r["kept"]:
@@ -127,6 +132,7 @@ def _run(pipeline: Pipeline, out: Path, real: Dataset | None) -> RunResult:
         results = evaluate(pipeline.evaluators, real, synthetic)
         write_report(out, real, results)
     _write_card(out, pipeline, labels, records, status="complete")
+    kept = sum(1 for r in records if r["kept"])
     return RunResult(out, kept, sum(dropped_by.values()), dropped_by, results)
 
 
@@ -148,7 +154,7 @@ def _make_batch(pipeline: Pipeline, indices: Sequence[int]):
             s.meta.setdefault("provenance", []).append(_stage_record(refiner))
     verdicts: list[dict[str, Any]] = [{} for _ in samples]
     alive = list(range(len(samples)))
-    for flt in pipeline.filters:
+    for flt in (f for f in pipeline.filters if f.scope == "sample"):
         judged = flt.judge([samples[k] for k in alive])
         _expect_count(flt, judged, len(alive))
         for k, verdict in zip(alive, judged):
@@ -257,8 +263,8 @@ def _discard(out: Path, state: str) -> None:
 
 def _remove_orphans(out: Path, records: list[dict[str, Any]]) -> None:
     """Delete files that no manifest record names: leftovers of a run killed mid-pair."""
-    named = {r[key] for r in records if r["kept"] for key in ("image", "mask")}
-    for sub in ("images", "masks"):
+    named = {r[key] for r in records if is_candidate(r) for key in ("image", "mask")}
+    for sub in ("images", "masks", f"{DROPPED}/images", f"{DROPPED}/masks"):
         folder = out / sub
         remove_temporaries(folder)
         if folder.is_dir():
@@ -273,7 +279,7 @@ def _check_records(out: Path, records: list[dict[str, Any]]) -> None:
     if len(set(indices)) != len(indices):
         raise PipelineError(f"{out / MANIFEST}: a sample index appears twice; the manifest is damaged")
     for r in records:
-        if r["kept"] and not ((out / r["image"]).is_file() and (out / r["mask"]).is_file()):
+        if is_candidate(r) and not ((out / r["image"]).is_file() and (out / r["mask"]).is_file()):
             raise PipelineError(f"{out / MANIFEST}: record {r['index']} names files that are missing")
 
 

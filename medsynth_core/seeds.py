@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 def sample_seed(run_seed: int, index: int) -> int:
     """The seed of sample ``index`` in a run seeded with ``run_seed`` (a 63-bit integer)."""
-    state = np.random.SeedSequence([int(run_seed) & 0xFFFFFFFF, int(index)]).generate_state(2, dtype=np.uint32)
+    state = np.random.SeedSequence([int(run_seed) % 2**64, int(index)]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
