@@ -47,11 +47,17 @@ def test_reference_is_up_to_date() -> None:
     assert committed == render_reference(), stale
 
 
-def test_every_plugin_package_is_under_the_independence_contract() -> None:
+def test_every_plugin_package_is_under_the_layers_contract() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    contract = next(c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "independence")
+    contract = next(c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers")
+    *plugins, shared = contract["layers"]
+    assert shared == "medsynth_plugins.common"
+    listed = {name.strip() for layer in plugins for name in layer.split("|")}
     packages = {f"medsynth_plugins.{p.name}" for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").is_file()}
-    assert packages == set(contract["modules"])
+    assert packages - {shared} == listed
+    entry_points = set(config["project"]["entry-points"]["medsynth"].values())
+    assert entry_points == listed, "every plugin package is registered, and only plugins are"
+    assert set(config["tool"]["setuptools"]["packages"]) >= packages
 
 
 def test_import_layers_hold() -> None:
