@@ -31,7 +31,7 @@ from .pipeline import (
 )
 from .progress import Progress, ProgressTask, SilentProgress
 from .registry import ROLES, ComponentInfo, Registry, default_registry, make_plugin_manager
-from .report import EvaluatorResult, evaluate, write_report
+from .report import EvaluatorResult, Skipped, build_evaluators, evaluate, write_report
 from .roles import Component, Context, Evaluator, Filter, Generator, MaskSource, Refiner
 from .runner import RunResult, run_pipeline
 from .sample import Condition, Metric, Sample, Verdict
@@ -42,10 +42,10 @@ __all__ = [
     "DatasetError", "EmptyConfig", "Evaluator", "EvaluatorResult", "Filter", "Generator", "MaskSource",
     "MedsynthError", "Metric", "OptionInfo", "PairFiles", "Pipeline", "PipelineError", "PipelineSpec",
     "PluginError", "Progress", "ProgressTask", "ROLES", "Refiner", "Registry", "RunConfig", "RunResult", "Sample",
-    "SilentProgress", "StageSpec", "UnknownComponentError", "Verdict", "build_config", "build_pipeline",
-    "config_to_dict", "default_registry", "describe_config", "evaluate", "foreground_fraction", "hookimpl",
-    "hookspec", "load_pipeline", "load_torch", "make_plugin_manager", "numpy_rng", "open_dataset", "option",
-    "parse_pipeline", "read_checkpoint_card", "read_image", "read_mask", "read_pipeline_file", "run_pipeline",
-    "sample_seed", "save_torch", "torch_generator", "write_checkpoint_card", "write_png_image", "write_png_mask",
-    "write_report",
+    "SilentProgress", "Skipped", "StageSpec", "UnknownComponentError", "Verdict", "build_config",
+    "build_evaluators", "build_pipeline", "config_to_dict", "default_registry", "describe_config", "evaluate",
+    "foreground_fraction", "hookimpl", "hookspec", "load_pipeline", "load_torch", "make_plugin_manager",
+    "numpy_rng", "open_dataset", "option", "parse_pipeline", "read_checkpoint_card", "read_image", "read_mask",
+    "read_pipeline_file", "run_pipeline", "sample_seed", "save_torch", "torch_generator", "write_checkpoint_card",
+    "write_png_image", "write_png_mask", "write_report",
 ]

@@ -230,6 +230,10 @@ def _check_fit(p: Pipeline) -> None:
     if gen.trainable and not p.spec.checkpoint:
         raise ConfigError(f"generator {gen.name!r} needs a checkpoint: run `medsynth train {gen.name}` "
                           "and set [generator] checkpoint to its --out folder")
+    for evaluator in p.evaluators:
+        reason = evaluator.unavailable()
+        if reason:
+            raise ConfigError(f"evaluator {evaluator.name!r}: {reason}")
     if p.needs_data and not p.spec.run.data:
         users = [c.name for c in p.stages() if getattr(c, "needs_data", False) or isinstance(c, Evaluator)]
         raise ConfigError(f"{', '.join(users)} need the real dataset: set [run] data or pass --data")

@@ -153,9 +153,19 @@ class Filter(Component):
 
 
 class Evaluator(Component):
-    """Scores a synthetic dataset against a real one."""
+    """Scores a synthetic dataset against a real one.
+
+    An evaluator that needs something the machine may lack (local network weights, say)
+    answers ``unavailable()`` with one line saying how to enable it; ``medsynth evaluate
+    --evaluator all`` then skips it with that line in the report, and naming it explicitly
+    fails with that line.
+    """
 
     role = "evaluator"
+
+    def unavailable(self) -> str | None:
+        """None when the evaluator can run as configured, else one line saying how to enable it."""
+        return None
 
     def evaluate(self, real: Dataset, synthetic: Dataset) -> list[Metric]:
         """Return named metrics, each with the direction in which it improves."""

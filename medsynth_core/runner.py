@@ -130,7 +130,7 @@ def _run(pipeline: Pipeline, out: Path, real: Dataset | None) -> RunResult:
     if pipeline.evaluators:
         synthetic = open_dataset(out, labels=labels)
         results = evaluate(pipeline.evaluators, real, synthetic)
-        write_report(out, real, results)
+        write_report(out, real, results, synthetic=[synthetic])
     _write_card(out, pipeline, labels, records, status="complete")
     kept = sum(1 for r in records if r["kept"])
     return RunResult(out, kept, sum(dropped_by.values()), dropped_by, results)
