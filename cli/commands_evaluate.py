@@ -26,6 +26,9 @@ def evaluate_command(
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for report.json and report.md."),
     sets: list[str] = typer.Option([], "--set", "-s", help="EVALUATOR.OPTION=VALUE, e.g. mask-stats.min_component=9."),
     device: str = typer.Option("auto", "--device", help="'auto', 'cpu', 'cuda', ..."),
+    layout: str = typer.Option("auto", "--layout", help="Layout of --real: auto, medsynth, nnunet or msd."),
+    slice_axis: int = typer.Option(2, "--slice-axis", help="Axis to slice 3-D volumes of --real along."),
+    drop_empty: bool = typer.Option(False, "--drop-empty", help="Drop 3-D slices of --real with an empty label."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to standard output."),
 ) -> None:
     """Score one or more synthetic sets against the real set with any evaluators."""
@@ -38,7 +41,7 @@ def evaluate_command(
         log(f"skipping {s.evaluator}: {s.reason}")
     if len(set(map(str, synthetic))) != len(synthetic):
         raise ConfigError("the same --synthetic folder is given twice")
-    real_set = open_dataset(real)
+    real_set = open_dataset(real, layout=layout, slice_axis=slice_axis, drop_empty=drop_empty)
     synthetic_sets = [open_dataset(path, labels=real_set.labels) for path in synthetic]
     set_names = [d.name for d in synthetic_sets]
     for dataset, path in zip(synthetic_sets, synthetic):

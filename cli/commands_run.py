@@ -48,6 +48,9 @@ def resolve_device(device: str) -> str:
 def run(
     pipeline: Path | None = typer.Argument(None, help="Pipeline TOML file; or describe the stages with flags."),
     data: str | None = typer.Option(None, "--data", help="Real dataset folder (overrides [run] data)."),
+    layout: str | None = typer.Option(None, "--layout", help="auto, medsynth, nnunet or msd (overrides [run])."),
+    slice_axis: int | None = typer.Option(None, "--slice-axis", help="Axis to slice 3-D volumes along."),
+    drop_empty: bool | None = typer.Option(None, "--drop-empty/--keep-empty", help="Drop empty 3-D slices."),
     out: str | None = typer.Option(None, "--out", "-o", help="Output folder (overrides [run] out)."),
     n: int | None = typer.Option(None, "--n", "-n", help="Pairs to keep (overrides [run] n)."),
     seed: int | None = typer.Option(None, "--seed", help="Run seed (overrides [run] seed)."),
@@ -76,11 +79,12 @@ def run(
         raw.setdefault("generator", {})
         raw["generator"] = {**raw["generator"], "checkpoint": checkpoint}
     raw = apply_sets(raw, sets)
-    overrides = {"data": data, "out": out, "n": n, "seed": seed, "batch_size": batch_size, "device": device}
+    overrides = {"data": data, "out": out, "n": n, "seed": seed, "batch_size": batch_size, "device": device,
+                 "layout": layout, "slice_axis": slice_axis, "drop_empty": drop_empty}
     spec = parse_pipeline(raw, where, overrides)
     context = make_context(spec.run.device)
     built = build_pipeline(spec, default_registry(), context)
-    real = open_dataset(spec.run.data) if spec.run.data else None
+    real = built.open_real() if spec.run.data else None
     result = run_pipeline(built, resume=resume, real=real)
     dropped = ", ".join(f"{k}: {v}" for k, v in result.dropped_by.items()) or "none"
     log(f"kept {result.kept} pairs in {result.out} (dropped {result.dropped}: {dropped})")
@@ -94,8 +98,11 @@ def run(
 def train(
     ctx: typer.Context,
     generator: str = typer.Argument(..., help="Trainable generator (see `medsynth list --role generator`)."),
-    data: Path = typer.Option(..., "--data", help="Real dataset folder (images/ + masks/)."),
+    data: Path = typer.Option(..., "--data", help="Real dataset folder (images/ + masks/, nnU-Net or MSD)."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write."),
+    layout: str = typer.Option("auto", "--layout", help="auto, medsynth, nnunet or msd."),
+    slice_axis: int = typer.Option(2, "--slice-axis", help="Axis to slice 3-D volumes along."),
+    drop_empty: bool = typer.Option(False, "--drop-empty", help="Drop 3-D slices with an empty label."),
     device: str = typer.Option("auto", "--device", help="'auto', 'cpu', 'cuda', ..."),
     resume: bool = typer.Option(False, "--resume", help="Continue training from the checkpoint in --out."),
 ) -> None:
@@ -111,7 +118,7 @@ def train(
             raise PipelineError(f"{out}: folder is not empty; pass --resume to continue training there")
         if (out / CHECKPOINT_CARD).is_file():
             read_checkpoint_card(out, expected=generator)
-    dataset = open_dataset(data, require_masks=False)
+    dataset = open_dataset(data, require_masks=False, layout=layout, slice_axis=slice_axis, drop_empty=drop_empty)
     context = make_context(device)
     dataset.validate(context.progress)
     component = registry.create("generator", generator, options, context=context)

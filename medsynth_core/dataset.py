@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import DatasetError
 from .image_io import is_supported, read_image, read_mask, split_suffix
+from .layouts import detect_layout, imagestr_loaders, read_declared_labels
 from .manifest import read_manifest
 from .progress import Progress, SilentProgress
 from .sample import Sample
@@ -104,15 +105,27 @@ class Dataset(Sequence[Sample]):
                 task.advance()
 
 
-def open_dataset(root: str | Path, *, require_masks: bool = True, labels: dict[str, int] | None = None) -> Dataset:
+LAYOUTS = ("auto", "medsynth", "nnunet", "msd")
+
+
+def open_dataset(root: str | Path, *, require_masks: bool = True, labels: dict[str, int] | None = None,
+                 layout: str = "auto", slice_axis: int = 2, drop_empty: bool = False) -> Dataset:
     """Open a dataset folder, checking its layout (files are read lazily; call ``validate``).
 
-    Raises DatasetError for a missing folder, no images, an image without mask (when
-    ``require_masks``), a mask without image or two files with the same stem.
+    ``layout`` is ``"medsynth"`` (images/ + masks/), ``"nnunet"`` (nnU-Net v2 raw), ``"msd"``
+    (Decathlon, 3-D NIfTI sliced along ``slice_axis``, empty slices left out with ``drop_empty``)
+    or ``"auto"`` to tell from the folder. Raises DatasetError for a missing folder, no images, an
+    image without mask (when ``require_masks``), a mask without image or two files with one stem.
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout != "medsynth":
+        return _open_imagestr(root, layout, require_masks, labels, slice_axis, drop_empty)
     image_dir, mask_dir = root / "images", root / "masks"
     if not image_dir.is_dir():
         raise DatasetError(f"{root}: no images/ folder; a dataset is images/ and masks/ matched by file stem")
@@ -134,6 +147,17 @@ def open_dataset(root: str | Path, *, require_masks: bool = True, labels: dict[s
     files = [PairFiles(stem, images[stem], masks.get(stem)) for stem in sorted(images)]
     loaders = [_loader(f, allowed, records.get(f.stem, {})) for f in files]
     return Dataset(loaders, labels=declared, root=root, name=card.get("name") or root.name, files=files)
+
+
+def _open_imagestr(root: Path, layout: str, require_masks: bool, labels: dict[str, int] | None,
+                   slice_axis: int, drop_empty: bool) -> Dataset:
+    if not (root / "imagesTr").is_dir():
+        raise DatasetError(f"{root}: no imagesTr/ folder, as the {layout} layout has")
+    declared = labels or read_declared_labels(root)
+    allowed = frozenset(declared.values()) | {0}
+    entries = imagestr_loaders(root, layout, allowed, slice_axis, drop_empty, require_masks)
+    name = _read_card(root).get("name") or root.name
+    return Dataset([load for _, load in entries], labels=declared, root=root, name=name)
 
 
 def _loader(files: PairFiles, allowed: frozenset[int], record: dict[str, Any]) -> Callable[[], Sample]:

@@ -35,9 +35,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .config import build_config, config_to_dict, option
+from .dataset import Dataset, open_dataset
 from .errors import ConfigError
 from .registry import Registry
 from .roles import Context, Evaluator, Filter, Generator, MaskSource, Refiner
@@ -55,6 +56,10 @@ class RunConfig:
     batch_size: int = option(8, "Samples generated per batch; results do not depend on it.")
     data: str | None = option(None, "Real dataset folder (images/ + masks/), for fitting and evaluation.")
     out: str | None = option(None, "Output folder for the pairs, manifest, card and report.")
+    layout: Literal["auto", "medsynth", "nnunet", "msd"] = option(
+        "auto", "Layout of the real dataset: images/+masks/, nnU-Net v2 raw, or Decathlon 3-D NIfTI.")
+    slice_axis: int = option(2, "Axis along which 3-D volumes are cut into 2-D slices (0, 1 or 2).")
+    drop_empty: bool = option(False, "Leave out slices of 3-D volumes whose label is empty.")
     device: str = option("auto", "Torch device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     max_candidates: int | None = option(None, "Give up after this many candidates (default: 50 x n).")
 
@@ -65,6 +70,8 @@ class RunConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_candidates is not None and self.max_candidates < self.n:
             raise ConfigError(f"max_candidates must be >= n ({self.n}), got {self.max_candidates}")
+        if self.slice_axis not in (0, 1, 2):
+            raise ConfigError(f"slice_axis must be 0, 1 or 2, got {self.slice_axis}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
 
@@ -164,6 +171,11 @@ class Pipeline:
     filters: list[Filter]
     evaluators: list[Evaluator]
 
+    def open_real(self) -> Dataset:
+        """The real dataset named by ``[run]`` (data, layout, slice axis, empty slices)."""
+        run = self.spec.run
+        return open_dataset(run.data, layout=run.layout, slice_axis=run.slice_axis, drop_empty=run.drop_empty)
+
     @property
     def needs_data(self) -> bool:
         """Whether some stage must see the real dataset."""
@@ -184,6 +196,7 @@ class Pipeline:
         data = {
             "seed": self.spec.run.seed,
             "data": self.spec.run.data,
+            "layout": [self.spec.run.layout, self.spec.run.slice_axis, self.spec.run.drop_empty],
             "checkpoint": self.spec.checkpoint,
             "stages": [[c.role, c.name, config_to_dict(c.config)] for c in stages if c is not None],
         }

@@ -62,7 +62,7 @@ def run_pipeline(pipeline: Pipeline, out: str | Path | None = None, *, resume: b
     if not str(out) or out == Path("."):
         raise PipelineError("no output folder: set [run] out or pass --out")
     if real is None and spec.run.data:
-        real = open_dataset(spec.run.data)
+        real = pipeline.open_real()
     if real is not None and pipeline.needs_data:
         real.validate(pipeline.generator.context.progress)
 

@@ -81,7 +81,7 @@ def test_missing_folder(tmp_path: Path) -> None:
 
 def test_folder_without_images(tmp_path: Path) -> None:
     (tmp_path / "masks").mkdir()
-    with pytest.raises(DatasetError, match="no images/ folder"):
+    with pytest.raises(DatasetError, match=r"no images/ \(medsynth layout\) or imagesTr/"):
         open_dataset(tmp_path)
 
 

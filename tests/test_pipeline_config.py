@@ -307,7 +307,7 @@ def test_build_with_the_default_registry() -> None:
     ("mask_source", {"name": "real-mask"}, "mask source", ["real-masks", "real-pairs"]),
     ("refiners", ["otsu"], "refiner", ["threshold"]),
     ("filters", ["area"], "filter", ["mask-area"]),
-    ("evaluators", ["fid"], "evaluator", ["mask-stats"]),
+    ("evaluators", ["fidd"], "evaluator", ["mask-stats"]),
 ])
 def test_unknown_component_lists_valid_names(section: str, value: object, role: str, names: list[str]) -> None:
     with pytest.raises(UnknownComponentError) as err:
