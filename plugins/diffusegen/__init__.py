@@ -1,0 +1,1 @@
+"""Saragih et al.: clustered image+mask DDPMs, RePaint inpainting and diffusion style transfer."""
