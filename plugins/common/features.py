@@ -90,7 +90,8 @@ class InceptionFeatures:
         for start in range(0, len(images), batch_size):
             x = self.prepare(images[start:start + batch_size]).to(self.device)
             logits = self.model(x, return_features=False).reshape(len(x), -1)
-            probs = logits if torch.allclose(logits.sum(1), torch.ones(len(x)), atol=1e-3) else logits.softmax(1)
+            is_softmax = torch.allclose(logits.sum(1), torch.ones(len(x), device=logits.device), atol=1e-3)
+            probs = logits if is_softmax else logits.softmax(1)
             out.append(probs.cpu().numpy())
         return np.concatenate(out).astype(np.float64)
 

@@ -120,7 +120,7 @@ def train_segmenter(samples: Sequence[Sample], recipe: SegmenterRecipe, *, class
         loss.backward()
         optimiser.step()
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, float(loss.detach()))
     return Segmenter(model.eval(), recipe, classes, channels, device)
 
 
