@@ -6,7 +6,7 @@ three run the same small random base + ControlNet (pixel space, 32 px, classifie
 on the CPU, so the ratios compare samplers, not hardware: network evaluations dominate, and the
 ratios carry over to Stable Diffusion 1.5 on a GPU. Also printed: the extra cost of guidance and
 of the ControlNet itself, and how far the fast samplers land from the 1000-step image.
-Usage: ``python benchmarks/controlnet.py [--pairs 4] [--size 32]``.
+Usage: ``python benchmarks/controlnet.py [--pairs 2] [--size 32]``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from medsynth_plugins.controlnet.conditions import condition_batch
 from medsynth_plugins.controlnet.sampling import ControlNetSampler, SamplingOptions
 from medsynth_plugins.controlnet.training import embedding_channels
 
+ZERO_CONVOLUTIONS = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+
 
 def disc(size: int, k: int) -> np.ndarray:
     yy, xx = np.mgrid[:size, :size]
@@ -32,7 +34,7 @@ def disc(size: int, k: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args()
     base = build_small_base(SmallBaseRecipe(resolution=args.size, widths=(16, 32), text_width=32, words=("lung",)))
@@ -40,7 +42,7 @@ def main() -> None:
     controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=embedding_channels(1))
     with torch.no_grad():  # a trained ControlNet's zero convolutions are not zero; give them weight
         for name, p in controlnet.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+            if name.startswith(ZERO_CONVOLUTIONS):
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
     controlnet.eval()
     sampler = ControlNetSampler(base, controlnet)

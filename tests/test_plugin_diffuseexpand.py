@@ -151,12 +151,12 @@ def test_images_have_the_mask_size_and_lie_in_0_1(checkpoint: Path, demo_dir: Pa
     gen.load(checkpoint)
     real = open_dataset(demo_dir)
     conditions = [Condition(mask=real[i].mask) for i in range(2)]
-    for sampler in ("dpm-solver++", "ddpm"):
+    for sampler, batch in (("dpm-solver++", 2), ("ddpm", 1)):  # ddpm: all 50 training timesteps of TINY
         gen.config = DiffuseExpandConfig(solver_steps=4, sampler=sampler)
-        samples = gen.generate(conditions, [1, 2])
+        samples = gen.generate(conditions[:batch], [1, 2][:batch])
         for s in samples:
             assert s.image.shape == (64, 64) and s.image.dtype == np.float32
-            assert 0.0 <= s.image.min() and s.image.max() <= 1.0 and s.image.std() > 0
+            assert s.image.min() >= 0.0 and s.image.max() <= 1.0 and s.image.std() > 0
             Sample(image=s.image, mask=conditions[0].mask).check("test")
 
 
@@ -208,13 +208,13 @@ def test_tau_one_equals_scale_one_and_tau_differs_from_s() -> None:
 
 @pytest.fixture(scope="module")
 def dice_filter(demo_dir: Path) -> DiceFilter:
-    flt = DiceFilter(DiceFilterConfig(steps=80, size=32, eta=0.2, relabel_below=0.6))
+    flt = DiceFilter(DiceFilterConfig(steps=60, size=32, eta=0.2, relabel_below=0.6))
     flt.fit(open_dataset(demo_dir))
     return flt
 
 
 def test_filter_keeps_a_matching_pair_and_drops_a_shifted_one(demo_dir: Path, dice_filter: DiceFilter) -> None:
-    real = open_dataset(demo_dir)[0]
+    real = open_dataset(demo_dir)[1]
     shifted = np.roll(real.mask, 24, axis=1)
     strict = DiceFilter(DiceFilterConfig(eta=0.2), name="dice-filter")
     strict.segmenter, strict.values = dice_filter.segmenter, dice_filter.values
@@ -223,7 +223,7 @@ def test_filter_keeps_a_matching_pair_and_drops_a_shifted_one(demo_dir: Path, di
 
 
 def test_filter_relabels_between_the_two_bounds(demo_dir: Path, dice_filter: DiceFilter) -> None:
-    real = open_dataset(demo_dir)[1]
+    real = open_dataset(demo_dir)[2]
     nudged = np.roll(real.mask, 4, axis=1)
     verdict = dice_filter.judge([real.replace(mask=nudged)])[0]
     assert verdict.keep and verdict.note == "relabelled" and 0.2 <= verdict.score < 0.6
@@ -274,7 +274,8 @@ def test_train_then_run_makes_filtered_pairs_and_a_report(checkpoint: Path, demo
                     "--device", "cpu", "--set", f"generator.checkpoint={checkpoint}",
                     "--set", f"mask_source.checkpoint={checkpoint}", "--set", "generator.solver_steps=3",
                     "--set", "mask_source.solver_steps=3", "--set", "dice-filter.steps=3",
-                    "--set", "dice-filter.size=32", "--set", "dice-filter.eta=1.0")
+                    "--set", "dice-filter.size=32", "--set", "dice-filter.eta=1.0",
+                    "--set", "dice-filter.relabel_below=none")
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()]
     assert sum(r["kept"] for r in records) == 3 and all("dice-filter" in r["scores"] for r in records)

@@ -273,7 +273,8 @@ def test_um_generator_draws_seeded_masks_on_the_um_levels(trained: Path) -> None
     alone = source.conditions([1], [12])[0]
     assert np.array_equal(alone.image, conds[1].image)  # a sample depends on its seed only
     assert conds[0].image.shape == (32, 32) and conds[0].mask is None
-    assert np.allclose(np.round(conds[0].image * 255) % 50, 0) and conds[0].meta["edit"]["level"] == pytest.approx(250 / 255, abs=1e-4)
+    assert np.allclose(np.round(conds[0].image * 255) % 50, 0)
+    assert conds[0].meta["edit"]["level"] == pytest.approx(250 / 255, abs=1e-4)
     assert not np.array_equal(conds[0].image, conds[2].image)
     with pytest.raises(ConfigError, match="checkpoint"):
         UMGeneratorSource(UMGeneratorConfig())

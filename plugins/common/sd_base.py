@@ -27,8 +27,8 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,24 @@ class SDBase:
         return save_sd_base(self, folder)
 
 
+@contextmanager
+def quiet_hub() -> Iterator[None]:
+    """Hide transformers' and diffusers' own progress bars (weights loading, shard writing) for a block."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    shown = tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown[0]:
+            tlog.enable_progress_bar()
+        if shown[1]:
+            dlog.enable_progress_bar()
+
+
 def move(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """``module.to(device)``, casting only when ``dtype`` differs (diffusers warns about needless casts)."""
     first = next(module.parameters(), None)
@@ -149,6 +167,7 @@ def move(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype
 # Loading and saving
 
 
+@quiet_hub()
 def load_sd_base(source: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> SDBase:
     """Load a Stable-Diffusion-style base from a diffusers folder or a hub id, with ``from_pretrained``.
 
@@ -185,6 +204,7 @@ def load_sd_base(source: str | Path, *, device: str = "cpu", dtype: torch.dtype 
     return base.to(device).freeze()
 
 
+@quiet_hub()
 def save_sd_base(base: SDBase, folder: str | Path) -> Path:
     """Write ``base`` as a diffusers folder that :func:`load_sd_base` (and, with a VAE, diffusers'
     ``StableDiffusionPipeline.from_pretrained``) reads; written beside ``folder`` and renamed into place."""
@@ -411,6 +431,7 @@ def build_small_base(recipe: SmallBaseRecipe) -> SDBase:
     return SDBase(unet, text_encoder, tokenizer, scheduler, vae, source=SMALL)
 
 
+@quiet_hub()
 def train_small_base(dataset: Dataset, workdir: Path, recipe: SmallBaseRecipe, *, device: str = "cpu",
                      mixed_precision: str = "auto", progress: Progress | None = None,
                      log: Callable[[str], None] = print, labels: dict[str, int] | None = None) -> Path:

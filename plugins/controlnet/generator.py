@@ -22,7 +22,14 @@ from medsynth_core import (
     option,
     read_checkpoint_card,
 )
-from medsynth_plugins.common.sd_base import DEFAULT_TEMPLATE, SMALL, check_size, load_sd_base, mask_prompt
+from medsynth_plugins.common.sd_base import (
+    DEFAULT_TEMPLATE,
+    SMALL,
+    check_size,
+    load_sd_base,
+    mask_prompt,
+    quiet_hub,
+)
 from medsynth_plugins.common.sd_base import precision as precision_settings
 
 from .conditions import condition_batch
@@ -115,6 +122,7 @@ class ControlNetGenerator(Generator):
 
         return train(self, dataset, Path(workdir))
 
+    @quiet_hub()
     def load(self, checkpoint: Path) -> None:
         from diffusers import ControlNetModel
 

@@ -36,6 +36,7 @@ from medsynth_plugins.common.sd_base import (
     mask_prompt,
     move,
     precision,
+    quiet_hub,
     train_small_base,
 )
 
@@ -115,6 +116,7 @@ class ControlNetTrainer:
             self.scaler.load_state_dict(state["scaler"])
 
 
+@quiet_hub()
 def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
     """``ControlNetGenerator.fit``: train (or resume) into ``workdir``; return it."""
     from diffusers import ControlNetModel

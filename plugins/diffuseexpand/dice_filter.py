@@ -15,12 +15,12 @@ from medsynth_plugins.common.segmenter import Segmenter, SegmenterRecipe, train_
 class DiceFilterConfig:
     """Options of the dice-filter."""
 
-    eta: float = option(0.065, "Keep a pair when the segmenter's soft Dice loss against its mask is below eta "
-                               "(the paper: 0.065).")
+    eta: float = option(0.065, "Keep a pair when the Dice loss of the segmenter's prediction against its mask "
+                               "is below eta (the paper: 0.065).")
     relabel_below: float | None = option(
         None, "Relabel instead of drop: a pair whose Dice loss lies in [eta, relabel_below) keeps its image and takes "
               "the segmenter's mask (the authors' code: eta 0.2, relabel_below 0.4). None = drop.")
-    steps: int = option(300, "Training steps of the filter's segmenter on the real pairs.")
+    steps: int = option(200, "Training steps of the filter's segmenter on the real pairs.")
     size: int = option(64, "Side of the filter segmenter's input, in px (a multiple of 8).")
     seed: int = option(0, "Seed of the filter segmenter's training.")
 
@@ -65,22 +65,27 @@ class DiceFilter(Filter):
     def _verdict(self, sample: Sample, probs: np.ndarray) -> Verdict:
         if sample.mask is None:
             return Verdict(keep=False, score=1.0)
-        loss = dice_loss(probs, sample.mask, self.values)
+        predicted = probs.argmax(axis=0)
+        loss = dice_loss(predicted, sample.mask, self.values)
         if loss < self.config.eta:
             return Verdict(keep=True, score=loss)
         if self.config.relabel_below is not None and loss < self.config.relabel_below:
-            mask = np.asarray(self.values, dtype=np.uint8)[probs.argmax(axis=0)]
+            mask = np.asarray(self.values, dtype=np.uint8)[predicted]
             return Verdict(keep=True, score=loss, sample=sample.replace(mask=mask), note="relabelled")
         return Verdict(keep=False, score=loss)
 
 
-def dice_loss(probs: np.ndarray, mask: np.ndarray, values: Sequence[int]) -> float:
-    """1 - soft Dice of class probabilities (K x H x W) against a label map, averaged over foreground classes."""
+def dice_loss(predicted: np.ndarray, mask: np.ndarray, values: Sequence[int]) -> float:
+    """1 - Dice of a predicted class-index map against a label map, averaged over the foreground classes.
+
+    Hard Dice, as the authors' Stage IV code computes it (the prediction thresholded first), so a
+    segmenter that is right but not yet confident still recognises a matching pair.
+    """
     losses = []
     for k, value in enumerate(values):
         if k == 0:
             continue
-        truth = (mask == value).astype(np.float64)
-        p = probs[k].astype(np.float64)
-        losses.append(1.0 - (2.0 * (p * truth).sum() + 1.0) / (p.sum() + truth.sum() + 1.0))
+        p, t = predicted == k, mask == value
+        total = int(p.sum()) + int(t.sum())
+        losses.append(0.0 if total == 0 else 1.0 - 2.0 * float(np.logical_and(p, t).sum()) / total)
     return float(np.mean(losses)) if losses else 0.0

@@ -47,8 +47,8 @@ class DiffuseExpandConfig(SamplingOptions):
     layers_per_block: int = option(1, "Training: ResNet layers per UNet level (denoiser and segmenter).")
     attention: bool = option(False, "Training: self-attention at the coarsest denoiser level.")
     segmenter_channels: tuple[int, ...] = option((16, 32), "Training: widths of the Stage II segmenter UNet levels.")
-    steps: int = option(1500, "Training: iterations, each updating the denoiser and the segmenter (the paper: 30000).")
-    batch_size: int = option(16, "Training: pairs per iteration (the paper: 16).")
+    steps: int = option(600, "Training: iterations, each updating the denoiser and the segmenter (the paper: 30000).")
+    batch_size: int = option(8, "Training: pairs per iteration (the paper: 16).")
     lr: float = option(5e-4, "Training: Adam learning rate of both networks (the paper: 1e-4).")
     cond_drop: float = option(0.1, "Training: probability of dropping the mask condition of an image "
                                    "(classifier-free training).")
@@ -56,7 +56,7 @@ class DiffuseExpandConfig(SamplingOptions):
     beta_schedule: Literal["linear", "squaredcos_cap_v2"] = option("linear", "Training: noise schedule.")
     pretrained: str | None = option(
         None, "Training: local diffusers UNet2DModel folder (or hub id) to fine-tune from; default: random weights.")
-    save_every: int = option(250, "Training: write a checkpoint every this many iterations (and at the end).")
+    save_every: int = option(200, "Training: write a checkpoint every this many iterations (and at the end).")
     seed: int = option(0, "Training: seed of the initial weights and of every batch.")
     cfg_scale: float = option(1.5, "Sampling: classifier-free guidance weight w (eps_u + w (eps_c - eps_u)); "
                                    "1 = conditional prediction only.")
@@ -165,8 +165,8 @@ class DiffuseExpandGenerator(Generator):
                 raise ConfigError(f"{workdir}: trained with {name} = {trained.get(name)!r}, now {ours!r}; "
                                   "resume with the same value")
         if card.get("values") != values or card.get("channels") != channels:
-            raise ConfigError(f"{workdir}: trained on masks {card.get('values')} and {card.get('channels')} channel(s), "
-                              f"this dataset has {values} and {channels}; use the same data to resume")
+            raise ConfigError(f"{workdir}: trained on mask values {card.get('values')} and {card.get('channels')} "
+                              f"channel(s), this dataset has {values} and {channels}; use the same data to resume")
         return card
 
     def _save(self, workdir: Path, step: int, trainer: Trainer, data, rows: list[tuple]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsynth_core import Condition, ConfigError, MaskSource, sample_seed, torch_generator, option
+from medsynth_core import Condition, ConfigError, MaskSource, option, sample_seed, torch_generator
 
 from . import store
 from .networks import decode_masks

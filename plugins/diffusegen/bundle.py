@@ -29,6 +29,7 @@ from .clustering import Clusters, read_clusters
 GENERATOR = "ddpm4"
 CLUSTERS_FILE = "clusters.json"
 MODELS = "models"
+_SHARED: dict[tuple[str, str, int], DiffusionBundle] = {}
 
 
 def model_dir(folder: Path, index: int, per_cluster: bool) -> Path:
@@ -110,6 +111,19 @@ class DiffusionBundle:
         return cls(channels=channels, size=int(first.config.sample_size), learn_sigma=learn_sigma,
                    per_cluster=per_cluster, clusters=clusters, loader=lambda i: unets[i], device=device,
                    max_models=len(unets), source="in-memory")
+
+    @classmethod
+    def shared(cls, folder: str | Path, *, device: str = "cpu", max_models: int = 4) -> DiffusionBundle:
+        """``open``, but one bundle per checkpoint and device in a process, so that ``repaint`` and
+        ``diffusion-style`` of one pipeline hold a single copy of the models."""
+        folder = Path(folder)
+        card = folder / "checkpoint.json"
+        key = (str(folder.resolve()), str(device), card.stat().st_mtime_ns if card.is_file() else 0)
+        bundle = _SHARED.get(key)
+        if bundle is None:
+            bundle = _SHARED[key] = cls.open(folder, device=device, max_models=max_models)
+        bundle.max_models = max(bundle.max_models, max_models)
+        return bundle
 
     @classmethod
     def open(cls, folder: str | Path, *, device: str = "cpu", max_models: int = 4,

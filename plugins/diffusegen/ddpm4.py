@@ -30,6 +30,7 @@ from medsynth_core import (
     write_checkpoint_card,
 )
 from medsynth_core.atomic import write_json_atomic
+from medsynth_core.checkpoint import CARD
 
 from .bundle import CLUSTERS_FILE, DiffusionBundle, model_dir, recover_dir, replace_dir
 from .clustering import Clusters, ExtractorName, choose_k, cluster_pairs, read_clusters
@@ -46,6 +47,7 @@ from .diffusion import (
 from .unet import build_unet, check_architecture
 
 TRAIN_STATE = "train_state.pt"
+TRAIN_STEP = "train_step.json"
 LOSS_LOG = "loss.csv"
 # options that shape the models or their data: resuming with other values would mix two trainings
 _FIXED_ON_RESUME = ("per_cluster", "clusters", "min_cluster_size", "features", "size", "block_out_channels",
@@ -150,7 +152,7 @@ class DDPM4Generator(Generator):
     def _clusters(self, workdir: Path, stems: list[str], images, masks) -> Clusters:
         cfg = self.config
         path = workdir / CLUSTERS_FILE
-        if path.is_file():
+        if path.is_file() and (workdir / CARD).is_file():  # without its card, clustering was cut short: redo it
             card = read_checkpoint_card(workdir, expected=self.name)
             changed = [k for k in _FIXED_ON_RESUME if _jsonish(card["config"].get(k)) != _jsonish(getattr(cfg, k))]
             if changed:
@@ -177,8 +179,8 @@ class DDPM4Generator(Generator):
         for index in range(count):
             path = model_dir(workdir, index, self.config.per_cluster)
             recover_dir(path)
-            state = path / TRAIN_STATE
-            steps[path.name] = int(load_torch(state)["step"]) if state.is_file() else 0
+            done = path / TRAIN_STEP
+            steps[path.name] = int(json.loads(done.read_text())["step"]) if done.is_file() else 0
         return steps
 
     def _train_model(self, workdir: Path, index: int, data: torch.Tensor, channels: int, device: str, task) -> None:
@@ -227,6 +229,7 @@ class DDPM4Generator(Generator):
         shutil.rmtree(tmp, ignore_errors=True)
         unet.save_pretrained(str(tmp))
         save_torch(tmp / TRAIN_STATE, {"step": step, "optimizer": optimiser.state_dict(), "rng": gen.get_state()})
+        (tmp / TRAIN_STEP).write_text(json.dumps({"step": step}))  # read without loading the optimiser state
         replace_dir(tmp, path)
         _append_loss(workdir / LOSS_LOG, path.name, step, mean)
         self._card["steps"][path.name] = step

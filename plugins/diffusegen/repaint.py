@@ -83,7 +83,7 @@ class RePaintGenerator(Generator):
         if bundle is None and self.config.model is None:
             raise ConfigError(f"{self.name}: option 'model' must name a ddpm4 checkpoint folder "
                               "(`medsynth train ddpm4 --out FOLDER`)")
-        self.bundle = bundle or DiffusionBundle.open(Path(self.config.model), device=self.context.device,
+        self.bundle = bundle or DiffusionBundle.shared(Path(self.config.model), device=self.context.device,
                                                      max_models=self.config.max_models_in_memory)
 
     def generate(self, conditions: Sequence[Condition], seeds: Sequence[int]) -> list[Sample]:

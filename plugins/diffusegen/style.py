@@ -61,6 +61,8 @@ class DiffusionStyleConfig:
     lambda_rng: float = option(200.0, "Weight of the range regulariser (x0 outside [-1, 1]).")
     sem_min_t: int = option(250, "Apply the semantic divergence only while t > this (1000-step scale; the "
                                  "paper's code: respaced step 50 of 200).")
+    learned_variance: bool = option(True, "Use the model's learned reverse variance (the paper); false: the fixed "
+                                          "posterior variance, steadier with few steps or a briefly trained model.")
     vgg_weights: str | None = option(None, "torchvision vgg19 state dict (.pth); without it the UNet encoder "
                                            "stands in.")
     vit_weights: str | None = option(None, "Local DINO ViT folder (transformers, e.g. dino-vitb8); without it the "
@@ -105,7 +107,7 @@ class DiffusionStyleRefiner(Refiner):
         cfg = self.config
         if bundle is None and cfg.model is None:
             raise ConfigError(f"{self.name}: option 'model' must name the ddpm4 checkpoint folder that made the pairs")
-        self.bundle = bundle or DiffusionBundle.open(Path(cfg.model), device=self.context.device,
+        self.bundle = bundle or DiffusionBundle.shared(Path(cfg.model), device=self.context.device,
                                                      max_models=cfg.max_models_in_memory)
         device = self.bundle.device
         self.vgg = _load_vgg(cfg.vgg_weights, device) if cfg.vgg_weights and cfg.lambda_vgg else None
@@ -181,6 +183,8 @@ class DiffusionStyleRefiner(Refiner):
             t, t_prev = times[i], (times[i - 1] if i > 0 else -1)
             x = x.detach().requires_grad_(True)
             eps, var_values = split_output(unet(x, t).sample, b.planes)
+            if not cfg.learned_variance:
+                var_values = None
             x0 = self.schedule.predict_x0(x, t, eps)
             losses = terms(x0[:, :c], prev, t)
             total = sum(losses.values())

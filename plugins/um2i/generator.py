@@ -545,10 +545,8 @@ class UM2IGenerator(Generator):
         arr = ((image.clamp(-1, 1) + 1) / 2).cpu().numpy().astype(np.float32)
         arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
         prob = logits.softmax(0).cpu().numpy()
-        if self.config.condition == "mask":
-            mask = np.asarray(c.mask, dtype=np.uint8)  # M2I: the pair's mask is its condition
-        else:
-            mask = self._values[prob.argmax(0)]
+        # M2I: the pair's mask is its condition
+        mask = np.asarray(c.mask) if self.config.condition == "mask" else self._values[prob.argmax(0)]
         soft = (1.0 - prob[0]).astype(np.float32)
         return Sample(image=np.ascontiguousarray(arr), mask=mask.astype(np.uint8),
                       soft_mask=np.clip(soft, 0, 1), meta={"um2i": self.config.condition})

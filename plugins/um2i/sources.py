@@ -109,7 +109,7 @@ class SlicUMSource(MaskSource):
 class _UMGeneratorFields:
 
     checkpoint: Path | None = option(None, "The folder `medsynth train um2i` wrote (it holds the UM GAN).")
-    psi: float = option(0.7, "Truncation psi: w is pulled toward its mean; 1 = none, lower = more typical, less varied.")
+    psi: float = option(0.7, "Truncation psi: w pulled toward its mean; 1 = none, lower = more typical, less varied.")
     snap: bool = option(True, "Round the GAN's output to the UM levels of training (multiples of the gap).")
 
 
