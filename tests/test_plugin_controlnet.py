@@ -449,6 +449,13 @@ def test_offline_end_to_end_train_resume_and_run(demo_dir: Path, tmp_path: Path)
     assert records[0]["seed"] == sample_seed(0, 0) and records[0]["meta"]["prompt"] == "a medical image with lung"
 
 
+def test_train_with_a_missing_base_fails_in_one_line_and_writes_nothing(demo_dir: Path, tmp_path: Path) -> None:
+    result = invoke("-q", "train", "controlnet", "--data", demo_dir, "--out", tmp_path / "ck", "--base",
+                    tmp_path / "no-such-sd15")
+    assert result.exit_code == 2 and "base folder not found" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "ck").exists()
+
+
 def test_generate_before_load_is_a_pipeline_error() -> None:
     from medsynth_core import PipelineError
 

@@ -248,3 +248,6 @@ def test_repaint_then_style_run_writes_pairs(demo_dir: Path, tmp_path: Path) -> 
     assert [r["meta"]["condition"]["source"] for r in records] == ["case_0000", "case_0001"]
     assert all("reference" not in r["meta"] and "loss" in r["meta"]["style"] for r in records)
     assert read_image(tmp_path / "run" / "images" / "000000.png").shape == (64, 64)
+    model = str(tmp_path / "ck")  # one pipeline's generator and refiner share one copy of the models
+    assert RePaintGenerator(RePaintConfig(model=model)).bundle is DiffusionStyleRefiner(
+        DiffusionStyleConfig(model=model)).bundle

@@ -125,25 +125,28 @@ def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
     samples = [s for s in dataset if s.mask is not None]
     if not samples:
         raise DatasetError(f"{dataset.name}: no image has a mask; ControlNet learns from (mask, image) pairs")
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_resumable(workdir, cfg)
     labels = dict(dataset.labels)
     channels = 3 if any(s.image.ndim == 3 for s in dataset) else 1
     autocast, _, dtype = precision(cfg.mixed_precision, ctx.device)
+    base: SDBase | None = None
     if cfg.base == SMALL:
         recipe = SmallBaseRecipe(
             resolution=cfg.resolution or SMALL_RESOLUTION, channels=channels, latent=cfg.small_base == "latent",
             widths=cfg.base_widths, steps=cfg.base_steps, vae_steps=cfg.vae_steps, batch_size=cfg.batch_size,
             lr=cfg.base_lr, template=cfg.prompt_template, words=tuple(labels), checkpoint_every=cfg.checkpoint_every,
             seed=cfg.seed)
-        source: str | Path = train_small_base(dataset, workdir, recipe, device=ctx.device,
-                                              mixed_precision=cfg.mixed_precision, progress=ctx.progress,
-                                              log=ctx.log, labels=labels)
         base_ref = "base"
-    else:
+    else:  # load (and check) the base before anything is written
         local = Path(cfg.base).expanduser()
-        source = base_ref = str(local.resolve()) if local.exists() else cfg.base
-    base = load_sd_base(source, device=ctx.device, dtype=dtype)
+        base_ref = str(local.resolve()) if local.exists() else cfg.base
+        base = load_sd_base(base_ref, device=ctx.device, dtype=dtype)
+        check_size(base, cfg.resolution or base.resolution)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_resumable(workdir, cfg)
+    if base is None:
+        folder = train_small_base(dataset, workdir, recipe, device=ctx.device, mixed_precision=cfg.mixed_precision,
+                                  progress=ctx.progress, log=ctx.log, labels=labels)
+        base = load_sd_base(folder, device=ctx.device, dtype=dtype)
     size = cfg.resolution or base.resolution
     check_size(base, size)
 

@@ -8,7 +8,8 @@ as the paper's "Semantic Affinity Learning" describes it:
 - a small convolutional network maps the image to per-pixel embeddings ``f``; the affinity of two pixels
   within ``radius`` is ``a_ij = exp(-mean |f_i - f_j|)``;
 - pairs of two seeds are labelled 1 (same class) or 0 (different); pairs with a neutral pixel are ignored;
-  the loss is ``L_fg+ / 4 + L_bg+ / 4 + L_neg / 2`` (cross-entropy of each pair group, balanced);
+  the loss is ``L_fg+ / 4 + L_bg+ / 4 + L_neg / 2`` (cross-entropy of each pair group, balanced); the
+  training pairs are drawn among all seeds rather than within the radius (see :func:`train_affinity`);
 - the soft mask is propagated by a random walk ``v <- T v`` with ``T = D^-1 A^beta`` (row-normalised
   affinities raised to ``beta``), ``iterations`` times.
 
@@ -38,6 +39,7 @@ class AffinitySettings:
     width: int = 16
     beta: float = 8.0
     iterations: int = 48
+    pairs: int = 1024
 
 
 class AffinityNet(torch.nn.Module):
@@ -98,31 +100,39 @@ def seeds(soft: np.ndarray, fg: float, bg: float) -> tuple[np.ndarray, np.ndarra
 
 def train_affinity(image: torch.Tensor, fg_seed: torch.Tensor, bg_seed: torch.Tensor, settings: AffinitySettings,
                    seed: int) -> AffinityNet:
-    """Fit an :class:`AffinityNet` to one image (C x H x W) from its seed pixels (H x W booleans)."""
+    """Fit an :class:`AffinityNet` to one image (C x H x W) from its seed pixels (H x W booleans).
+
+    Each step draws ``settings.pairs`` pairs of each kind (foreground-foreground, background-background,
+    foreground-background) among the seeds, anywhere in the image: attention maps are blurry, and the
+    neutral band between the seeds is often wider than the walk's radius, so AffinityNet's local pairs
+    alone would hold no negative pair at all.
+    """
+    gen = torch.Generator().manual_seed(seed % 2**63)
     torch.manual_seed(seed % 2**63)  # initialisation from the sample's own seed
     net = AffinityNet(image.shape[0], settings.width)
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.lr)
-    pairs = offsets(settings.radius, half=True)
-    valid = valid_pairs(tuple(image.shape[-2:]), pairs, settings.radius)
-    fg = fg_seed.float()
-    bg = bg_seed.float()
-    fg_n = torch.stack([_shift(fg[None], dy, dx, settings.radius)[0] for dy, dx in pairs])
-    bg_n = torch.stack([_shift(bg[None], dy, dx, settings.radius)[0] for dy, dx in pairs])
-    pos_fg = (fg[None] * fg_n * valid).bool()
-    pos_bg = (bg[None] * bg_n * valid).bool()
-    neg = ((fg[None] * bg_n + bg[None] * fg_n) * valid).bool()
-    groups = [(pos_fg, 0.25, True), (pos_bg, 0.25, True), (neg, 0.5, False)]
+    fg_idx = fg_seed.flatten().nonzero()[:, 0]
+    bg_idx = bg_seed.flatten().nonzero()[:, 0]
+
+    def draw(idx: torch.Tensor) -> torch.Tensor:
+        return idx[torch.randint(len(idx), (settings.pairs,), generator=gen)]
+
     for _ in range(settings.steps):
-        a = pair_affinities(net(image[None])[0], pairs, settings.radius).clamp(1e-5, 1 - 1e-5)
-        loss = image.new_zeros(())
-        for where, weight, positive in groups:
-            if where.any():
-                picked = a[where]
-                loss = loss - weight * (picked.log() if positive else (1 - picked).log()).mean()
+        emb = net(image[None])[0].flatten(1)  # C x HW
+
+        pos_fg = _pair_affinity(emb, draw(fg_idx), draw(fg_idx))
+        pos_bg = _pair_affinity(emb, draw(bg_idx), draw(bg_idx))
+        neg = _pair_affinity(emb, draw(fg_idx), draw(bg_idx))
+        loss = -pos_fg.log().mean() / 4 - pos_bg.log().mean() / 4 - (1 - neg).log().mean() / 2
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
     return net.eval()
+
+
+def _pair_affinity(emb: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """Affinities of pixel pairs (flat indices ``i``, ``j``) from C x HW embeddings, kept off 0 and 1."""
+    return torch.exp(-(emb[:, i] - emb[:, j]).abs().mean(0)).clamp(1e-5, 1 - 1e-5)
 
 
 @torch.no_grad()

@@ -69,6 +69,20 @@ def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
                           add_special_tokens=special).input_ids)
 
 
+def grid_size(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """Rows and columns of a layer's map from its number of query tokens and the UNet input's size
+    (each down-sampling halves the size, rounding up)."""
+    h, w = latent_hw
+    for k in range(8):
+        hk, wk = math.ceil(h / 2**k), math.ceil(w / 2**k)
+        if hk * wk == tokens:
+            return hk, wk
+    side = int(round(math.sqrt(tokens)))
+    if side * side != tokens:
+        raise ValueError(f"cannot place {tokens} attention queries on a grid for input {latent_hw}")
+    return side, side
+
+
 class AttentionStore:
     """Running sums of max-normalised cross-attention maps of chosen tokens (eq. 2), one per resolution.
 
@@ -113,21 +127,13 @@ class AttentionStore:
         return place in self.options.places and (not res or max(hw) in res) and self.recording()
 
     def map_size(self, tokens: int) -> tuple[int, int]:
-        """Rows and columns of a layer's map from its number of query tokens (down-sampling rounds up)."""
-        h, w = self.latent_hw
-        for k in range(8):
-            f = 2**k
-            hk, wk = math.ceil(h / f), math.ceil(w / f)
-            if hk * wk == tokens:
-                return hk, wk
-        side = int(round(math.sqrt(tokens)))
-        if side * side != tokens:
-            raise ValueError(f"cannot place {tokens} attention queries on a grid for input {self.latent_hw}")
-        return side, side
+        """Rows and columns of a layer's map from its number of query tokens."""
+        return grid_size(tokens, self.latent_hw)
 
     def add(self, probs: torch.Tensor, heads: int, hw: tuple[int, int]) -> None:
         """Add the attention probabilities of one layer call: ``probs`` is (batch·heads) x queries x keys."""
         n = self.batch
+        probs = probs.detach()
         total = probs.shape[0] // heads
         probs = probs.reshape(total, heads, probs.shape[1], probs.shape[2])[total - n:]  # conditional half
         index = self.index.to(probs.device)[:, None, None, :].expand(n, heads, probs.shape[2], self.index.shape[1])
@@ -161,7 +167,8 @@ class AttentionStore:
 
 
 class TokenAttentionProcessor:
-    """Attention that also hands the cross-attention probabilities of one layer to an :class:`AttentionStore`.
+    """Attention that also hands the cross-attention probabilities of one layer to an :class:`AttentionStore`
+    (or any object with its ``wants``, ``map_size``, ``add`` and ``next_step``, such as the grounding loss).
 
     Layers and steps the store does not want run PyTorch's fused attention unchanged; the ones it wants
     compute the probabilities explicitly (eq. 1, ``softmax(QK^T / sqrt(d))``), which is what diffusers'
@@ -193,7 +200,7 @@ class TokenAttentionProcessor:
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
         probs = attn.get_attention_scores(query, key, attention_mask)
-        self.store.add(probs.detach(), attn.heads, hw)
+        self.store.add(probs, attn.heads, hw)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if attn.residual_connection:

@@ -42,7 +42,7 @@ class DiceFilter(Filter):
     needs_data = True
 
     segmenter: Segmenter | None = None
-    values: list[int] = [0, 1]
+    values: Sequence[int] = (0, 1)  # mask value of each class index, set by fit
 
     def fit(self, dataset: Dataset) -> None:
         cfg = self.config

@@ -47,7 +47,7 @@ class DiffuseExpandConfig(SamplingOptions):
     layers_per_block: int = option(1, "Training: ResNet layers per UNet level (denoiser and segmenter).")
     attention: bool = option(False, "Training: self-attention at the coarsest denoiser level.")
     segmenter_channels: tuple[int, ...] = option((16, 32), "Training: widths of the Stage II segmenter UNet levels.")
-    steps: int = option(600, "Training: iterations, each updating the denoiser and the segmenter (the paper: 30000).")
+    steps: int = option(800, "Training: iterations, each updating the denoiser and the segmenter (the paper: 30000).")
     batch_size: int = option(8, "Training: pairs per iteration (the paper: 16).")
     lr: float = option(5e-4, "Training: Adam learning rate of both networks (the paper: 1e-4).")
     cond_drop: float = option(0.1, "Training: probability of dropping the mask condition of an image "

@@ -137,8 +137,10 @@ class DDPM4Generator(Generator):
         index_of = {s: i for i, s in enumerate(stems)}
         members = [[index_of[s] for s in clusters.members(c)] for c in range(clusters.k)] if cfg.per_cluster \
             else [list(range(len(stems)))]
+        previous = read_checkpoint_card(workdir).get("models", {}) if (workdir / CARD).is_file() else {}
         self._card = {"channels": channels, "clusters": clusters, "steps": self._model_steps(workdir, count),
-                      "losses": {}, "images": images, "masks": masks}
+                      "losses": {name: m.get("loss") for name, m in previous.items()},
+                      "masks": dict(zip(stems, masks))}
         self._write_card(workdir)
         device = self.context.device
         with self.context.progress.task(f"training ddpm4 ({count} model{'s' * (count > 1)})",
@@ -146,7 +148,7 @@ class DDPM4Generator(Generator):
             task.advance(sum(min(s, cfg.steps) for s in self._card["steps"].values()))
             for index in range(count):
                 self._train_model(workdir, index, data[members[index]], channels, device, task)
-        del self._card["images"], self._card["masks"]
+        del self._card["masks"]
         return workdir
 
     def _clusters(self, workdir: Path, stems: list[str], images, masks) -> Clusters:
@@ -239,7 +241,7 @@ class DDPM4Generator(Generator):
     def _write_card(self, workdir: Path) -> None:
         cfg, card = self.config, self._card
         clusters: Clusters = card["clusters"]
-        masks = dict(zip(clusters.assignments, card["masks"])) if "masks" in card else {}
+        masks = card.get("masks", {})
         summary = []
         for c in range(clusters.k):
             stems = clusters.members(c)

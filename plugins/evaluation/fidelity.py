@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 
 from medsynth_core import ConfigError, Dataset, Evaluator, Metric, option
-from medsynth_plugins.common.features import InceptionFeatures, inception_weights
+from medsynth_plugins.common.features import (
+    INCEPTION_ENV,
+    INCEPTION_FILE,
+    INCEPTION_SIZE,
+    InceptionFeatures,
+    inception_weights,
+)
 
 from .fidelity_features import (
     AUTO_SIZE_CAP,
@@ -27,8 +33,8 @@ from .fidelity_features import (
     kid_subsets,
 )
 
-WEIGHTS_HELP = ("Local copy of clean-fid's inception-2015-12-05.pt (a file, or a folder holding it); "
-                "empty: the MEDSYNTH_INCEPTION_WEIGHTS environment variable. Nothing is downloaded.")
+WEIGHTS_HELP = (f"Local copy of clean-fid's {INCEPTION_FILE} (a file, or a folder holding it); "
+                f"empty: the {INCEPTION_ENV} environment variable. Nothing is downloaded.")
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class FIDEvaluator(Evaluator):
                                          device=self.context.device)
         view = None if extractor.name == "inception" and not cfg.size else size
         details = {"extractor": extractor.name, "input": extractor.input(view),
-                   "input_size": 299 if extractor.name == "inception" else size,
+                   "input_size": INCEPTION_SIZE if extractor.name == "inception" else size,
                    "n_real": len(real_images), "n_synthetic": len(synthetic_images), **extractor.info}
         return extractor.encode(real_images, view), extractor.encode(synthetic_images, view), details
 

@@ -218,7 +218,8 @@ class MMSTDEvaluator(_MultiScaleEvaluator):
             ratio = std_synthetic / std_real if std_real > 0 else float("nan")
             rows.append({**cell.describe(), "std_real": std_real, "std_synthetic": std_synthetic, "ratio": ratio})
         details.update(
-            what="MM-STD of the synthetic set, mean ± sd over the grid cells", cells=rows, by_extractor=_by_extractor(rows, "ratio"),
+            what="MM-STD of the synthetic set, mean ± sd over the grid cells", cells=rows,
+            by_extractor=_by_extractor(rows, "ratio"),
             std="per cell: mean over feature dimensions of the per-dimension standard deviation (ddof=1)",
             directions="the raw spreads are descriptive ('none'); the ratio follows the paper (more variety is "
                        "better) but noise raises it too, so read it with mm-fid")

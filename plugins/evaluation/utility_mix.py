@@ -59,5 +59,5 @@ def train_mixed(reals: Sequence[Sample], partners: Sequence[Sequence[Sample]], a
         loss.backward()
         optimiser.step()
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, loss.item())
     return Segmenter(model.eval(), recipe, classes, channels, device)
