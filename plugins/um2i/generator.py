@@ -117,12 +117,12 @@ class UM2IConfig:
               "matching stands in (named so in loss.csv).")
     checkpoint_every: int = option(100, "Save the training state every this many steps.")
     seed: int = option(0, "Training seed: initial weights, batches, hidden masks.")
-    vum_steps: int = option(600, "Steps of the UM GAN (V2UM) trained after UM2I; 0 skips it.")
+    vum_steps: int = option(2000, "Steps of the UM GAN (V2UM) trained after UM2I; 0 skips it.")
     vum_latent: int = option(64, "UM GAN: size of z and w (StyleGAN: 512).")
     vum_mapping_layers: int = option(4, "UM GAN: mapping network layers (StyleGAN: 8).")
     vum_channels: int = option(16, "UM GAN: channels at full resolution, doubling per halving.")
     vum_max_channels: int = option(128, "UM GAN: channel cap (StyleGAN: 512).")
-    vum_batch_size: int = option(8, "UM GAN: batch size (paper: 128 at low resolution down to 8).")
+    vum_batch_size: int = option(4, "UM GAN: batch size (paper: 128 at low resolution down to 8).")
     vum_lr: float = option(2e-3, "UM GAN: Adam learning rate (paper: 0.003).")
     vum_r1: float = option(1.0, "UM GAN: R1 penalty weight on real masks.")
     vum_progressive: bool = option(True, "UM GAN: progressive growing from 8 px, each level faded in (paper).")
@@ -352,7 +352,8 @@ class UM2IGenerator(Generator):
         image = data.images[pick].float() / 127.5 - 1
         target = data.targets[pick].clone()
         weight = (target >= 0).float()
-        labelled = torch.tensor([i in data.labelled for i in pick.tolist()])
+        labelled_set = set(data.labelled)
+        labelled = torch.tensor([i in labelled_set for i in pick.tolist()])
         if pseudo is not None:
             where = {int(i): k for k, i in enumerate(pseudo["indices"])}
             for row, idx in enumerate(pick.tolist()):
