@@ -33,7 +33,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(demo
     rng = random.Random(7)
     out = tmp_path / "killed"
     kills = 0
-    for attempt in range(12):
+    for _ in range(12):
         extra = ("--resume",) if out.exists() else ()
         proc = subprocess.Popen(_command(demo_dir, out, *extra), start_new_session=True)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from medsynth_core import (
     CheckpointError,
     Condition,
     ConfigError,
+    Context,
     Dataset,
     PipelineError,
     Registry,
@@ -26,6 +28,7 @@ from medsynth_core import (
     read_image,
     sample_seed,
 )
+from medsynth_plugins.common.features import INCEPTION_ENV
 from medsynth_plugins.diffusegen.bundle import DiffusionBundle
 from medsynth_plugins.diffusegen.clustering import Clusters, cluster_pairs
 from medsynth_plugins.diffusegen.ddpm4 import DDPM4Config, DDPM4Generator
@@ -251,3 +254,48 @@ def test_repaint_then_style_run_writes_pairs(demo_dir: Path, tmp_path: Path) -> 
     model = str(tmp_path / "ck")  # one pipeline's generator and refiner share one copy of the models
     assert RePaintGenerator(RePaintConfig(model=model)).bundle is DiffusionStyleRefiner(
         DiffusionStyleConfig(model=model)).bundle
+
+
+def _toy_styling_sample() -> Sample:
+    image = np.full((16, 16), 0.4, np.float32)
+    image[4:10, 4:10] = 0.9
+    mask = np.zeros((16, 16), np.uint8)
+    mask[5:9, 5:9] = 1
+    return Sample(image=image, mask=mask, meta={"seed": 2, "cluster": 0, "reference": np.full((16, 16), 0.4,
+                                                                                               np.float32)})
+
+
+def test_style_loads_a_local_vit_and_says_what_stands_in(tmp_path: Path) -> None:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=224, patch_size=32), add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    lines: list[str] = []
+    refiner = DiffusionStyleRefiner(DiffusionStyleConfig(vit_weights=str(tmp_path / "vit"), inference_steps=4,
+                                                         skip_steps=2), bundle=tiny_bundle(),
+                                    context=Context(log=lines.append))
+    out = refiner.refine([_toy_styling_sample()])[0]
+    out.check("diffusion-style")
+    assert refiner.vit is not None and len(lines) == 1 and "VGG" in lines[0] and "ViT" not in lines[0]
+    with pytest.raises(ConfigError, match="vit_weights"):
+        DiffusionStyleRefiner(DiffusionStyleConfig(vit_weights=str(tmp_path / "missing")), bundle=tiny_bundle())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MEDSYNTH_VGG19_WEIGHTS"), reason="needs MEDSYNTH_VGG19_WEIGHTS "
+                    "(torchvision's vgg19-dcbb9e9d.pth)")
+def test_style_loads_local_vgg19_weights() -> None:
+    refiner = DiffusionStyleRefiner(DiffusionStyleConfig(vgg_weights=os.environ["MEDSYNTH_VGG19_WEIGHTS"],
+                                                         inference_steps=4, skip_steps=2), bundle=tiny_bundle())
+    assert refiner.vgg is not None and len(refiner.vgg) == 6  # up to conv2_1
+    refiner.refine([_toy_styling_sample()])[0].check("diffusion-style")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get(INCEPTION_ENV), reason=f"needs {INCEPTION_ENV}")
+def test_clustering_with_inception_weights(demo_dir: Path) -> None:
+    pairs = list(open_dataset(demo_dir))
+    found = cluster_pairs([s.meta["stem"] for s in pairs], [s.image for s in pairs], [s.mask for s in pairs], k=3)
+    assert found.extractor == "inception" and sorted(found.sizes()) and sum(found.sizes()) == len(pairs)
+    assert found.predict([pairs[0].image], [pairs[0].mask]) == [found.assignments[pairs[0].meta["stem"]]]

@@ -177,6 +177,21 @@ def test_a_um2i_training_step_changes_every_network(demo_dir: Path, tmp_path: Pa
         assert not torch.equal(w, weights(nets[key])), key
 
 
+def test_pseudo_labelled_pixels_count_only_where_trusted(demo_dir: Path, tmp_path: Path) -> None:
+    gen = UM2IGenerator(UM2IConfig(**{**TINY, "batch_size": 12}, labelled_fraction=0.5))
+    data = gen._training_data(open_dataset(demo_dir), tmp_path)
+    assert len(data.labelled) == 6 and len(data.unlabelled) == 6
+    trusted = torch.zeros(6, 32, 32, dtype=torch.bool)
+    trusted[:, :16] = True  # top half confident; flips are horizontal, so it stays on top
+    pseudo = {"indices": data.unlabelled, "labels": torch.ones(6, 32, 32, dtype=torch.uint8), "trusted": trusted}
+    batch = gen._batch(data, {"pseudo": pseudo}, torch.Generator().manual_seed(0))
+    lab, weight = batch["labelled"], batch["weight"]
+    assert lab.any() and (~lab).any()
+    assert bool((weight[lab] == 1).all())
+    assert bool((weight[~lab][:, :16] == 1).all()) and bool((weight[~lab][:, 16:] == 0).all())
+    assert bool((batch["target"][~lab] == 1).all())
+
+
 def test_a_um_gan_step_changes_generator_and_discriminator() -> None:
     arch = StyleArch(size=16, channels=1, latent=8, mapping_layers=1, base_channels=4, max_channels=8)
     settings = GanTraining(steps=10, batch_size=4, progressive=False)
