@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.markup import escape
 from rich.table import Table
 
 from medsynth_core import EvaluatorResult
@@ -21,5 +22,7 @@ def print_results(results: Sequence[EvaluatorResult]) -> None:
         table.add_column(column, overflow="fold")
     for r in results:
         for m in r.metrics:
-            table.add_row(r.synthetic, r.evaluator, m.name, format_value(m), ARROWS[m.direction])
+            # names such as 'dice[real]' are text, not rich markup
+            table.add_row(escape(r.synthetic), escape(r.evaluator), escape(m.name), format_value(m),
+                          ARROWS[m.direction])
     out_console.print(table)

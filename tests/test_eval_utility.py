@@ -6,14 +6,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from medsynth_core import ConfigError, Dataset, DatasetError, Sample, build_config, default_registry, open_dataset
+from medsynth_core import (
+    ConfigError,
+    Dataset,
+    DatasetError,
+    Registry,
+    Sample,
+    build_config,
+    make_plugin_manager,
+    open_dataset,
+)
+from medsynth_plugins import evaluation
 from medsynth_plugins.common.segmenter import dice_score, train_segmenter
 from medsynth_plugins.evaluation.utility import UtilityConfig, UtilityEvaluator
+from medsynth_plugins.evaluation.utility_mix import train_mixed
 from medsynth_plugins.evaluation.utility_split import make_split, mix_partners, n_values, synthetic_source
 
-# tiny recipe: 6 real training pairs, 6 test pairs, 32 px, a few dozen steps
-TINY = {"size": 32, "steps": 40, "repeats": 1, "n_real": ("all",), "test_fraction": 0.5}
+# tiny recipe: 6 real training pairs, 6 test pairs, 32 px; 80 steps is where this recipe stops depending on the
+# seed (Dice 0.93-0.95 for seeds 0-7, where 40 steps spread over 0.6-0.93)
+TINY = {"size": 32, "steps": 80, "repeats": 1, "n_real": ("all",), "test_fraction": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +47,15 @@ def _by_name(metrics) -> dict:
 
 @pytest.fixture(scope="module")
 def copies_run(real: Dataset):
-    """real, real + copies of real, and mix with alpha = 0 (which must equal real exactly)."""
-    config = UtilityConfig(protocols=("real", "real+synthetic", "mix"), alpha=0.0, **TINY)
+    """real, and real + copies of every real pair (the copies of test pairs must be left out)."""
+    config = UtilityConfig(protocols=("real", "real+synthetic"), **TINY)
     return _by_name(UtilityEvaluator(config).evaluate(real, _copies(real, range(len(real)))))
 
 
 def test_utility_is_registered() -> None:
-    assert default_registry().get("evaluator", "utility").cls is UtilityEvaluator
+    pm = make_plugin_manager(load_entry_points=False)
+    pm.register(evaluation, name="evaluation")
+    assert Registry(pm).get("evaluator", "utility").cls is UtilityEvaluator
 
 
 def test_trained_real_model_beats_an_untrained_one(real: Dataset, copies_run) -> None:
@@ -54,24 +69,35 @@ def test_trained_real_model_beats_an_untrained_one(real: Dataset, copies_run) ->
     empty_dice = np.mean([dice_score(np.zeros_like(s.mask), s.mask) for s in test])
     trained = copies_run["dice[real]"].value
     assert 0.0 <= untrained_dice <= 1.0 and empty_dice == 0.0
-    assert trained > 0.6
+    assert trained > 0.8
     assert trained > untrained_dice + 0.2
 
 
 def test_copies_of_real_do_not_help_by_magic(copies_run) -> None:
     # the union repeats each training pair twice: the same distribution, so only training noise remains
+    # (gains of -0.018 to +0.008 over seeds 0-7 of this recipe)
     gain = copies_run["dice_gain[real+synthetic]"]
     assert gain.value == pytest.approx(copies_run["dice[real+synthetic]"].value - copies_run["dice[real]"].value)
-    assert gain.value < 0.05
+    assert gain.value < 0.04
     assert 0.0 <= gain.details["p_value"] <= 1.0
 
 
-def test_mix_with_alpha_zero_is_real_only(copies_run) -> None:
-    assert copies_run["dice[mix]"].value == copies_run["dice[real]"].value
-    assert copies_run["dice_gain[mix]"].value == 0.0
-    assert copies_run["dice_gain[mix]"].details["wilcoxon"]["p_value"] == 1.0  # every difference is zero
-    mix = copies_run["dice[real]"].details["mix"]["trainings"][0]
-    assert mix["partners_from"] == "source" and mix["reals_with_partner"] == 6
+def test_mix_swaps_partners_in(real: Dataset) -> None:
+    reals = [real[i] for i in range(4)]
+    recipe = UtilityConfig(size=32, steps=3).recipe(0)
+    baseline = train_segmenter(reals, recipe).model.state_dict()
+
+    def weights(partners, alpha):
+        return train_mixed(reals, partners, alpha, recipe).model.state_dict()
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    blank = Sample(np.zeros_like(reals[0].image), np.zeros_like(reals[0].mask))
+    assert same(weights([[blank]] * 4, 0.0), baseline)  # alpha = 0: the real-only training, exactly
+    assert same(weights([[s] for s in reals], 1.0), baseline)  # swapped for identical copies: no change
+    assert not same(weights([[blank]] * 4, 1.0), baseline)
+    assert same(weights([[], [], [], []], 1.0), baseline)  # a real pair without partners stays itself
 
 
 def test_copies_of_test_images_are_left_out(copies_run) -> None:
@@ -127,7 +153,7 @@ def test_n_values_cap_and_all() -> None:
 
 def test_all_protocols_are_deterministic_and_draw_a_curve(real: Dataset) -> None:
     config = UtilityConfig(protocols=("real", "real+synthetic", "synthetic", "pretrain-finetune", "mix"),
-                           size=32, steps=10, finetune_steps=5, n_real=(2, 100), test_fraction=0.5, seed=1)
+                           size=32, steps=6, finetune_steps=3, n_real=(2, 100), test_fraction=0.5, seed=1, alpha=0.0)
     synthetic = _copies(real, range(len(real)))
     first = UtilityEvaluator(config).evaluate(real, synthetic)
     second = UtilityEvaluator(config).evaluate(real, synthetic)
@@ -144,6 +170,12 @@ def test_all_protocols_are_deterministic_and_draw_a_curve(real: Dataset) -> None
     assert all(len(s["mean"]) == len(s["sd"]) == 2 for s in curve["series"].values())
     assert curve["series"]["synthetic"]["mean"][0] == curve["series"]["synthetic"]["mean"][1]  # N-independent
     assert any("capped" in note for note in metrics["dice[real]"].details["notes"])
+    # alpha = 0: mix is the real-only training, so every per-image difference is zero
+    assert curve["series"]["mix"] == curve["series"]["real"]
+    assert metrics["dice_gain[mix]"].value == 0.0 and metrics["dice_gain[mix]"].details["p_value"] == 1.0
+    trainings = metrics["dice[real]"].details["mix"]["trainings"]
+    assert [(t["n_real"], t["partners_from"], t["reals_with_partner"]) for t in trainings] == [
+        (2, "source", 2), (6, "source", 6)]
 
 
 @pytest.mark.parametrize("options, message", [

@@ -35,6 +35,7 @@ from medsynth_plugins.common.sd_base import (
     load_sd_base,
     make_scheduler,
     mask_prompt,
+    precision,
     save_sd_base,
     train_small_base,
 )
@@ -170,6 +171,16 @@ def test_bad_options_are_one_line_config_errors(bad: dict) -> None:
     with pytest.raises(ConfigError) as err:
         ControlNetConfig(**bad)
     assert "\n" not in str(err.value) and next(iter(bad)) in str(err.value)
+
+
+def test_option_choices_match_the_shared_helpers() -> None:
+    import typing
+
+    from medsynth_plugins.common import sd_base
+    from medsynth_plugins.controlnet import generator
+
+    assert set(typing.get_args(typing.get_type_hints(ControlNetConfig)["scheduler"])) == set(sd_base.SCHEDULERS)
+    assert (generator.SMALL, generator.DEFAULT_TEMPLATE) == (sd_base.SMALL, sd_base.DEFAULT_TEMPLATE)
 
 
 def test_prompt_names_the_classes_in_the_mask() -> None:
@@ -329,6 +340,28 @@ def test_one_training_step_changes_the_controlnet_and_leaves_the_base_frozen(sd_
     assert any(after[k].any() for k in zero)  # the zero convolutions learn first
     for name, module in base.modules().items():
         assert all(torch.equal(v, frozen[name][k]) for k, v in module.state_dict().items()), name
+
+
+def test_gradient_checkpointing_gives_the_same_step(sd_folder: Path) -> None:
+    samples = _pairs(2)
+    prompts = [mask_prompt(s.mask, LABELS) for s in samples]
+    results = []
+    for checkpointing in (False, True):
+        base = load_sd_base(sd_folder)
+        controlnet = controlnet_for(base)
+        trainer = ControlNetTrainer(base, controlnet, samples, prompts, SIZE, lr=1e-3, batch_size=2,
+                                    empty_prompt_rate=0.0, generator=torch.Generator().manual_seed(0),
+                                    gradient_checkpointing=checkpointing)
+        results.append((trainer.step(), controlnet.controlnet_mid_block.weight.detach().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_mixed_precision_is_for_cuda_only() -> None:
+    assert precision("auto", "cpu")[1:] == (None, torch.float32)
+    assert precision("fp16", "cpu")[1:] == (None, torch.float32)  # autocast on the CPU would only be slower
+    assert precision("bf16", "cuda:1")[1:] == (None, torch.bfloat16)  # bf16 needs no loss scaling
+    assert precision("auto", "cuda")[2] == torch.float16
 
 
 def test_a_fresh_controlnet_changes_nothing_and_a_trained_one_follows_the_mask() -> None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from medsynth_core import (
     CheckpointError,
@@ -22,19 +20,15 @@ from medsynth_core import (
     option,
     read_checkpoint_card,
 )
-from medsynth_plugins.common.sd_base import (
-    DEFAULT_TEMPLATE,
-    SMALL,
-    check_size,
-    load_sd_base,
-    mask_prompt,
-    quiet_hub,
-)
-from medsynth_plugins.common.sd_base import precision as precision_settings
 
-from .conditions import condition_batch
-from .sampling import ControlNetSampler, SamplingOptions
+if TYPE_CHECKING:
+    import torch
 
+    from .sampling import SamplingOptions
+
+# torch, diffusers and the sd_base helpers load on first use, so that `medsynth list` stays quick
+SMALL = "small"  # sd_base.SMALL
+DEFAULT_TEMPLATE = "a medical image with {labels}"  # sd_base.DEFAULT_TEMPLATE
 Scheduler = Literal["dpm++", "dpm++-sde", "ddim", "ddpm", "euler", "euler-a", "unipc", "pndm"]  # sd_base.SCHEDULERS
 
 
@@ -106,6 +100,8 @@ class ControlNetConfig:
 
     def sampling(self) -> SamplingOptions:
         """The sampling options as the sampler takes them."""
+        from .sampling import SamplingOptions
+
         return SamplingOptions(self.scheduler, self.sampling_steps, self.guidance_scale, self.conditioning_scale)
 
 
@@ -122,15 +118,27 @@ class ControlNetGenerator(Generator):
 
         return train(self, dataset, Path(workdir))
 
-    @quiet_hub()
     def load(self, checkpoint: Path) -> None:
+        from medsynth_plugins.common.sd_base import quiet_hub
+
+        with quiet_hub():
+            self._load(Path(checkpoint))
+
+    def _load(self, checkpoint: Path) -> None:
         from diffusers import ControlNetModel
 
-        checkpoint = Path(checkpoint)
+        from medsynth_plugins.common.sd_base import check_size, load_sd_base
+        from medsynth_plugins.common.sd_base import precision as precision_settings
+
+        from .sampling import ControlNetSampler
+
         card = read_checkpoint_card(checkpoint, expected=self.name)
         latest = card.get("latest")
         if not latest or not (checkpoint / latest / "controlnet").is_dir():
             raise CheckpointError(f"{checkpoint}: holds no trained ControlNet yet; finish `medsynth train {self.name}`")
+        missing = [key for key in ("base", "resolution", "channels", "labels", "config") if key not in card]
+        if missing:
+            raise CheckpointError(f"{checkpoint / 'checkpoint.json'}: damaged (no {', '.join(missing)})")
         device = self.context.device
         dtype = precision_settings(self.config.mixed_precision, device)[2]
         base_ref = card["base"] if self.config.base == SMALL else self.config.base
@@ -139,7 +147,8 @@ class ControlNetGenerator(Generator):
         try:
             controlnet = ControlNetModel.from_pretrained(checkpoint / latest / "controlnet", torch_dtype=dtype)
         except (OSError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{checkpoint / latest}: cannot load the ControlNet ({err})") from None
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"{checkpoint / latest}: cannot load the ControlNet ({reason})") from None
         for key in ("block_out_channels", "cross_attention_dim", "in_channels"):
             if list(np.atleast_1d(controlnet.config[key])) != list(np.atleast_1d(base.unet.config[key])):
                 raise CheckpointError(f"{checkpoint}: the ControlNet does not fit base {base.source!r} ({key} "
@@ -157,6 +166,8 @@ class ControlNetGenerator(Generator):
             raise PipelineError(f"{self.name}: call load(checkpoint) before generate()")
         if any(c.mask is None for c in conditions):
             raise PipelineError(f"{self.name}: every condition needs a mask; use a mask source such as 'real-masks'")
+        from .conditions import condition_batch
+
         prompts = [self.prompt_for(c) for c in conditions]
         negatives = [self.config.negative_prompt] * len(conditions)
         images = self._sampler.sample(condition_batch([c.mask for c in conditions], self._size), prompts, negatives,
@@ -166,15 +177,21 @@ class ControlNetGenerator(Generator):
 
     def prompt_for(self, condition: Condition) -> str:
         """The condition's own prompt, else the ``prompt`` option, else the training prompt of its mask."""
+        from medsynth_plugins.common.sd_base import mask_prompt
+
         return condition.prompt or self.config.prompt or mask_prompt(condition.mask, self._labels, self._template)
 
     def _to_image(self, image: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
         """C x S x S in [0, 1] -> float32 at the mask's size, grey when the training images were grey."""
+        import torch.nn.functional as F
+
         if tuple(image.shape[-2:]) != tuple(shape):
             shrinking = image.shape[-2] > shape[0] or image.shape[-1] > shape[1]
             image = F.interpolate(image[None].float(), size=tuple(shape), mode="bilinear", align_corners=False,
                                   antialias=shrinking)[0]
         arr = image.float().cpu().numpy()
-        arr = arr.mean(axis=0) if self._channels == 1 else np.moveaxis(arr[:3] if len(arr) >= 3 else
-                                                                       np.repeat(arr[:1], 3, 0), 0, -1)
+        if self._channels == 1:
+            arr = arr.mean(axis=0)
+        else:
+            arr = np.moveaxis(arr[:3] if len(arr) >= 3 else np.repeat(arr[:1], 3, axis=0), 0, -1)
         return np.clip(arr, 0.0, 1.0).astype(np.float32)

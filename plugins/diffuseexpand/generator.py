@@ -58,7 +58,7 @@ class DiffuseExpandConfig(SamplingOptions):
         None, "Training: local diffusers UNet2DModel folder (or hub id) to fine-tune from; default: random weights.")
     save_every: int = option(200, "Training: write a checkpoint every this many iterations (and at the end).")
     seed: int = option(0, "Training: seed of the initial weights and of every batch.")
-    cfg_scale: float = option(1.5, "Sampling: classifier-free guidance weight w (eps_u + w (eps_c - eps_u)); "
+    cfg_scale: float = option(3.0, "Sampling: classifier-free guidance weight w (eps_u + w (eps_c - eps_u)); "
                                    "1 = conditional prediction only.")
     type_guidance: bool = option(True, "Sampling: also guide by the segmenter's image-or-mask head, "
                                        "grad log p(y1 = image | x_t).")

@@ -42,7 +42,8 @@ class SamplingOptions:
     tau: float = option(1.0, "Sampling: temperature tau of guidance='tau' (the paper tries 1, 0.5, 0.3333).")
     scale: float = option(1.0, "Sampling: gradient scale s of guidance='scale' (s = 1/tau compares the two forms).")
     guidance_weight: float = option(
-        1.0, "Sampling: multiplies the classifier-guidance gradient of either form (the authors' guidance_scale).")
+        0.3, "Sampling: lambda, multiplies the classifier-guidance gradient of either form (the authors' "
+             "guidance_scale); larger values follow the segmenter more closely, into its errors.")
     clip_x0: bool = option(True, "Sampling: clip every x0 prediction to [-1, 1] (DPM-Solver++ thresholding, "
                                  "DDPM clip_sample), as the authors' sampler does.")
 

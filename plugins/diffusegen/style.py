@@ -212,9 +212,7 @@ class DiffusionStyleRefiner(Refiner):
         device = torch.device(self.bundle.device)
         gens = [torch_generator(s) for s in seeds]
         terms = _Terms(self, self.bundle.unet(cluster), sources.to(device), targets.to(device), gens)
-        with torch.enable_grad():
-            losses = terms(images.to(device), None, 0)
-        return sum(losses.values()).detach().cpu()
+        return sum(terms(images.to(device), None, 0).values()).cpu()
 
 
 class _Terms:

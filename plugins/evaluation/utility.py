@@ -13,13 +13,23 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from medsynth_core import ConfigError, Dataset, DatasetError, Evaluator, Metric, Sample, option, sample_seed
+from medsynth_core import (
+    ConfigError,
+    Dataset,
+    DatasetError,
+    Evaluator,
+    Metric,
+    ProgressTask,
+    Sample,
+    option,
+    sample_seed,
+)
 from medsynth_plugins.common.segmenter import (
     Segmenter,
     SegmenterRecipe,
@@ -51,6 +61,7 @@ class UtilityConfig:
     The defaults are sized for a CPU (the 32-pair demo set in a few minutes on 2 cores). Paper-size
     runs: ``encoder = "resnet34"``, ``depth = 5``, ``size = 256``, ``steps = 5000``, ``repeats = 5``,
     ``n_real = [1, 3, 5, "all"]`` (paper 000) or ``[16, 32, 64, 128]`` (paper 001), on a GPU.
+    Every protocol of one repeat starts from the same initial weights and N-subset, so gains are paired.
     """
 
     protocols: tuple[str, ...] = option(
@@ -67,7 +78,8 @@ class UtilityConfig:
         0.25, "Share of the labelled real pairs held out as the test set (seeded; at least 1 pair each side). "
               "Synthetic pairs made from a test image are left out of training.")
     repeats: int = option(1, "Repeats with different seeds (N-subset, initialisation, batches); paper size: 5.")
-    seed: int = option(0, "Seed of the test split, the N-subsets and every training; same seed, same numbers (CPU).")
+    seed: int = option(0, "Seed of the test split, the N-subsets and every training: the same seed gives the same "
+                          "numbers on the same device and torch thread count.")
     alpha: float = option(0.5, "'mix': probability that a batch item is a synthetic partner of the drawn real "
                                "pair (paper 001: 0.5).")
     r: int = option(1, "'mix': synthetic partners per real pair (paper 001: 1, 2 or 3).")
@@ -161,22 +173,16 @@ class UtilityEvaluator(Evaluator):
         scores: dict[str, dict[int, list[_Scores]]] = {p: {n: [] for n in ns} for p in protocols}
         mix_info: list[dict[str, Any]] = []
         total = cfg.repeats * _trainings_per_repeat(protocols, len(ns))
+        synthetic_pairs = [syn[j] for j in split.synthetic]
         with self.context.progress.task(f"utility: training {total} segmenters", total=total) as task:
-            def train(what: str, run: Any) -> Segmenter:
-                def on_step(step: int, loss: float) -> None:
-                    if step % 10 == 0:
-                        task.show(training=what, loss=f"{loss:.3f}")
-                model = run(on_step)
-                task.advance()
-                return model
-
+            run = _Runner(task, classes, device)
             for rep in range(cfg.repeats):
-                recipe = cfg.recipe(sample_seed(cfg.seed, rep))
+                recipe = cfg.recipe(sample_seed(cfg.seed, rep))  # shared by every protocol: paired comparisons
                 order = subset_order(split.train, cfg.seed, rep)
                 pretrained = None
                 if {"synthetic", "pretrain-finetune"} & set(protocols):
-                    pretrained = train(f"synthetic (repeat {rep + 1})", lambda cb, r=recipe: train_segmenter(
-                        [syn[j] for j in split.synthetic], r, classes=classes, device=device, on_step=cb))
+                    # the synthetic-only model does not depend on N, and it is the pretrained model too
+                    pretrained = run(f"synthetic (repeat {rep + 1})", train_segmenter, synthetic_pairs, recipe)
                     if "synthetic" in protocols:
                         synthetic_scores = _score(pretrained, test)
                         for n in ns:
@@ -185,28 +191,22 @@ class UtilityEvaluator(Evaluator):
                     chosen = order[:n]
                     pairs = [reals[i] for i in chosen]
                     for protocol in protocols:
-                        label = f"{protocol}, N={n} (repeat {rep + 1})"
+                        what = f"{protocol}, N={n} (repeat {rep + 1})"
+                        if protocol == "synthetic":
+                            continue
                         if protocol == "real":
-                            model = train(label, lambda cb, r=recipe, p=pairs: train_segmenter(
-                                p, r, classes=classes, device=device, on_step=cb))
+                            model = run(what, train_segmenter, pairs, recipe)
                         elif protocol == "real+synthetic":
-                            union = pairs + [syn[j] for j in split.synthetic]
-                            model = train(label, lambda cb, r=recipe, u=union: train_segmenter(
-                                u, r, classes=classes, device=device, on_step=cb))
+                            model = run(what, train_segmenter, pairs + synthetic_pairs, recipe)
                         elif protocol == "pretrain-finetune":
-                            init = copy.deepcopy(pretrained.model)
-                            model = train(label, lambda cb, r=recipe, p=pairs, m=init: train_segmenter(
-                                p, r, classes=classes, device=device, init=m,
-                                steps=cfg.finetune_steps or cfg.steps, on_step=cb))
-                        elif protocol == "mix":
+                            model = run(what, train_segmenter, pairs, recipe, init=copy.deepcopy(pretrained.model),
+                                        steps=cfg.finetune_steps or cfg.steps)
+                        else:  # mix
                             partners, mode = mix_partners(chosen, split, cfg.r, cfg.seed, rep)
                             groups = [[syn[j] for j in group] for group in partners]
                             mix_info.append({"repeat": rep, "n_real": n, "partners_from": mode,
                                              "reals_with_partner": sum(1 for g in groups if g)})
-                            model = train(label, lambda cb, r=recipe, p=pairs, g=groups: train_mixed(
-                                p, g, cfg.alpha, r, classes=classes, device=device, on_step=cb))
-                        else:  # "synthetic" was scored once per repeat above
-                            continue
+                            model = run(what, train_mixed, pairs, groups, cfg.alpha, recipe)
                         scores[protocol][n].append(_score(model, test))
         return self._metrics(protocols, ns, scores, split, notes, mix_info)
 
@@ -278,6 +278,24 @@ class UtilityEvaluator(Evaluator):
                  "gain_by_n": {str(n): sweep[p][str(n)]["dice_gain"]["mean"] for n in ns},
                  "p_value_by_n": {str(n): sweep[p][str(n)]["wilcoxon"]["p_value"] for n in ns}}))
         return metrics
+
+
+@dataclass
+class _Runner:
+    """Runs one training with the shared classes and device, and moves the progress bar."""
+
+    task: ProgressTask
+    classes: int
+    device: str
+
+    def __call__(self, what: str, train: Callable[..., Segmenter], *args: Any, **kwargs: Any) -> Segmenter:
+        def on_step(step: int, loss: float) -> None:
+            if step % 10 == 0:
+                self.task.show(training=what, loss=f"{loss:.3f}")
+
+        model = train(*args, classes=self.classes, device=self.device, on_step=on_step, **kwargs)
+        self.task.advance()
+        return model
 
 
 def _trainings_per_repeat(protocols: Sequence[str], n_count: int) -> int:

@@ -47,6 +47,8 @@ class UtilitySplit:
             "synthetic_excluded_leakage": len(self.excluded),
             "synthetic_unlabelled": len(self.unlabelled),
             "leakage_rule": "synthetic pairs whose condition source is a test image are left out of training",
+            "leakage_caveat": "a generator trained on the whole real set has seen the test images whatever its "
+                              "pairs' sources; train it on the training split for a clean test",
         }
 
 
