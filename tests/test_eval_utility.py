@@ -29,6 +29,15 @@ from medsynth_plugins.evaluation.utility_split import make_split, mix_partners, 
 TINY = {"size": 32, "steps": 80, "repeats": 1, "n_real": ("all",), "test_fraction": 0.5}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The suite's two workers share two cores: a second torch thread per worker would only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def real(demo_dir: Path) -> Dataset:
     return open_dataset(demo_dir)
@@ -100,8 +109,9 @@ def test_mix_swaps_partners_in(real: Dataset) -> None:
     assert same(weights([[], [], [], []], 1.0), baseline)  # a real pair without partners stays itself
 
 
-def test_copies_of_test_images_are_left_out(copies_run) -> None:
+def test_copies_of_test_images_are_left_out(real: Dataset, copies_run) -> None:
     split = copies_run["dice[real]"].details["split"]
+    assert set(split["test_stems"]) <= {f.stem for f in real.files}  # the test images are real pairs only
     assert split["real_test"] == 6 and split["real_train_pool"] == 6
     assert split["synthetic_excluded_leakage"] == 6 and split["synthetic_used"] == 6
 

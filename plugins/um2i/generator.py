@@ -413,7 +413,7 @@ class UM2IGenerator(Generator):
         nets["opt_g"].zero_grad(set_to_none=True)
         total.backward()
         nets["opt_g"].step()
-        stage = 1 if step < cfg.supervised_steps else 2
+        stage = 1 if step < cfg.supervised_steps or not seg_on else 2  # M2I has no semi-supervised stage
         trusted = float(b["weight"][~lab].mean()) if bool((~lab).any()) else 1.0
         return {"stage": stage, "d_image": d_img_loss.item(), "d_seg": d_seg_loss.item(), "g_adv": g_adv.item(),
                 "perceptual": kind, "g_perceptual": g_perc.item(), "g_l1": g_l1.item(), "g_seg": g_seg.item(),
