@@ -65,7 +65,7 @@ def refiners() -> None:
         soft = np.clip(0.6 * ndimage.gaussian_filter(truth.astype(float), size / 12) + 0.05, 0, 1)
         sample = Sample(image=image, soft_mask=soft.astype(np.float32), meta={"seed": 0})
         for refiner in (DenseCRFRefiner(), AffinityRefiner(), AdaptiveThresholdRefiner()):
-            seconds = timed(lambda r=refiner: r.refine([sample]), repeats=2)
+            seconds = timed(lambda r=refiner, s=sample: r.refine([s]), repeats=2)
             print(f"{type(refiner).__name__} at {size} px: {seconds * 1000:.0f} ms per image")
 
 

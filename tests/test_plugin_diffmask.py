@@ -137,7 +137,7 @@ def test_aggregation_of_hand_made_maps_is_eq_2() -> None:
     heads, keys, size = 2, 6, (8, 8)
     store = AttentionStore([[1], [4]], (4, 4), calls=2)
     layers = []
-    for step in range(2):
+    for _ in range(2):
         store.next_step()
         for hw in ((4, 4), (2, 2)):
             # classifier-free guidance: [unconditional, conditional] x heads; only the conditional half counts
@@ -315,7 +315,8 @@ def test_method_2_is_affinity_then_crf(cases) -> None:
 @pytest.mark.parametrize("config, bad", [(AffinityConfig, {"fg": 0.2, "bg": 0.4}), (AffinityConfig, {"radius": 0}),
                                          (DenseCRFConfig, {"confidence": 1.0}), (DenseCRFConfig, {"unary": "x"}),
                                          (AdaptiveThresholdConfig, {"gammas": (1.5,)}),
-                                         (NoiseLearningConfig, {"keep": 0.0}), (AttentionIoUConfig, {"chains": ("x",)})])
+                                         (NoiseLearningConfig, {"keep": 0.0}),
+                                         (AttentionIoUConfig, {"chains": ("x",)})])
 def test_bad_refiner_and_filter_options_are_one_line_config_errors(config, bad: dict) -> None:
     from medsynth_core import build_config
 
@@ -382,7 +383,8 @@ def test_method2_pipeline_runs_offline_with_a_report(trained: Path, demo_dir: Pa
     result = CliRunner().invoke(app, [
         "run", str(ROOT / "examples" / "diffmask" / "method2.toml"), "--data", str(demo_dir), "--out", str(out),
         "-n", "4", "--device", "cpu", "--checkpoint", str(trained), "--set", f"attention-iou.checkpoint={trained}",
-        "--set", "generator.sampling_steps=3", "--set", "affinity.affinity_steps=20", "--set", "noise-learning.steps=5", "--set", "noise-learning.size=32",
+        "--set", "generator.sampling_steps=3", "--set", "affinity.affinity_steps=20",
+        "--set", "noise-learning.steps=5", "--set", "noise-learning.size=32",
         "--set", "noise-learning.keep=0.5"])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
