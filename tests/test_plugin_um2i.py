@@ -256,6 +256,9 @@ def test_training_resumes_from_its_checkpoint(trained: Path, demo_dir: Path, tmp
     other = UM2IGenerator(UM2IConfig(**{**TINY, "ngf": 8}, labelled_fraction=0.75), name="um2i")
     with pytest.raises(CheckpointError, match="same options"):
         other.fit(open_dataset(demo_dir), folder)
+    fewer = UM2IGenerator(UM2IConfig(**TINY, labelled_fraction=0.5), name="um2i")
+    with pytest.raises(CheckpointError, match="hidden masks"):
+        fewer.fit(open_dataset(demo_dir), folder)
 
 
 def test_generate_returns_image_and_mask_of_the_condition_size(trained: Path) -> None:

@@ -37,7 +37,7 @@ class AttentionOptions:
     """Which maps count: UNet places, attention resolutions (cells per side; empty: all) and a step window.
 
     ``steps`` is a (from, to) fraction of the UNet calls of one sampling run, 0 being the first (noisiest)
-    call; a call ``k`` of ``n`` is recorded when ``from <= k / n < to`` (the last call also when ``to`` is 1).
+    call; call ``k`` of ``n`` is recorded when ``from <= k / n < to``.
     """
 
     places: tuple[str, ...] = PLACES
@@ -118,8 +118,7 @@ class AttentionStore:
         """Whether the current step lies in the step window."""
         lo, hi = self.options.steps
         k = min(max(self.step, 0), self.calls - 1)
-        frac = k / self.calls
-        return lo <= frac < hi or (hi >= 1.0 and k == self.calls - 1 and lo <= frac)
+        return lo <= k / self.calls < hi
 
     def wants(self, place: str, hw: tuple[int, int]) -> bool:
         """Whether a layer at ``place`` with maps of ``hw`` cells is read at the current step."""

@@ -49,7 +49,7 @@ class AttentionIoUConfig:
 
     checkpoint: str = option("", "Folder written by `medsynth train sd-attention` (required).")
     timesteps: tuple[int, ...] = option(
-        (100, 300), "Noise levels (of the base's 1000 training steps) the real images are noised to; their maps "
+        (50, 200), "Noise levels (of the base's 1000 training steps) the real images are noised to; their maps "
                     "are averaged as eq. 2 averages steps.")
     chains: tuple[str, ...] = option(CHAINS, f"Refiner chains to score: {', '.join(CHAINS)}.")
     max_images: int = option(0, "Score at most this many real images (evenly spread); 0: all.")

@@ -40,14 +40,15 @@ def _check_label(label: int) -> None:
 class AffinityOptions:
     """Options of the affinity network and its random walk (shared by the affinity-based refiners)."""
 
-    fg: float = option(0.7, "Soft-mask level (after min-max scaling) from which pixels are confident foreground.")
+    fg: float = option(0.6, "Soft-mask level (after min-max scaling) from which pixels are confident foreground.")
     bg: float = option(0.3, "Soft-mask level up to which pixels are confident background; those in between "
                             "are neutral and their pairs ignored.")
     radius: int = option(4, "Pixels within this distance (at the working size) form the affinity pairs.")
     size: int = option(64, "Working size in px of the affinity network and the random walk.")
-    affinity_steps: int = option(60, "Training steps of the per-image affinity network.")
+    affinity_steps: int = option(40, "Training steps of the per-image affinity network.")
+    affinity_pairs: int = option(256, "Seed pairs of each kind (fg-fg, bg-bg, fg-bg) per training step.")
     affinity_lr: float = option(1e-2, "Learning rate of the affinity network (Adam).")
-    affinity_width: int = option(16, "Channels of the affinity network.")
+    affinity_width: int = option(32, "Hidden width of the affinity network.")
     beta: float = option(8.0, "Power of the affinities in the transition matrix (AffinityNet: 8).")
     walk_iterations: int = option(48, "Random-walk steps (T^t with t = this).")
     walk_threshold: float = option(0.5, "Level of the propagated map that counts as foreground.")
@@ -57,7 +58,7 @@ class AffinityOptions:
         _check_unit("bg", self.bg)
         if self.bg >= self.fg:
             raise ConfigError(f"bg must be below fg, got bg {self.bg} and fg {self.fg}")
-        _check_positive(self, "radius", "affinity_steps", "affinity_width", "walk_iterations")
+        _check_positive(self, "radius", "affinity_steps", "affinity_pairs", "affinity_width", "walk_iterations")
         if self.size < 8:
             raise ConfigError(f"size must be >= 8 px, got {self.size}")
         if not self.affinity_lr > 0 or not self.beta > 0:
@@ -70,7 +71,7 @@ class AffinityOptions:
 
         return AffinitySettings(fg=self.fg, bg=self.bg, radius=self.radius, size=self.size,
                                 steps=self.affinity_steps, lr=self.affinity_lr, width=self.affinity_width,
-                                beta=self.beta, iterations=self.walk_iterations)
+                                beta=self.beta, iterations=self.walk_iterations, pairs=self.affinity_pairs)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ loop of ``sd_base.denoise`` for pixel-space ones; and attention of real images."
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,9 +49,12 @@ def sample_with_attention(base: SDBase, prompts: Sequence[str], negatives: Seque
 def _pipeline(base: SDBase, scheduler, prompts, negatives, seeds, size, steps, guidance, dtype) -> torch.Tensor:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   image_encoder=None, requires_safety_checker=False)
+    with warnings.catch_warnings():
+        # small bases keep diffusers' default steps_offset 0; the pipeline warns about it at length
+        warnings.filterwarnings("ignore", message=r"(?s).*steps_offset", category=FutureWarning)
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                       unet=base.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     gens = step_generators(seeds)
     cells = size // base.vae_factor

@@ -87,8 +87,11 @@ class Trainer:
                 "rng": self.rng.get_state()}
 
     def restore(self, state: dict) -> None:
-        self.opt_denoiser.load_state_dict(state["opt_denoiser"])
-        self.opt_segmenter.load_state_dict(state["opt_segmenter"])
+        for optimiser, key in ((self.opt_denoiser, "opt_denoiser"), (self.opt_segmenter, "opt_segmenter")):
+            lr = optimiser.param_groups[0]["lr"]
+            optimiser.load_state_dict(state[key])
+            for group in optimiser.param_groups:  # the saved state carries the old rate; the caller's wins
+                group["lr"] = lr
         self.rng.set_state(state["rng"])
 
     def step(self) -> StepLosses:

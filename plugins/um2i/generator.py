@@ -261,13 +261,11 @@ class UM2IGenerator(Generator):
         images_t, targets_t = torch.stack(images), torch.stack(targets)
         if cfg.condition == "mask":
             conditions = _one_hot(targets_t.clamp(min=0), len(values))
-            usable = sorted(visible)  # M2I can only learn from labelled images
-            unlabelled: list[int] = []
+            unlabelled: list[int] = []  # M2I can only learn from labelled images
         else:
             conditions = ums * 2 - 1
-            usable = sorted(visible)
             unlabelled = [i for i in range(len(dataset)) if i not in visible]
-        return TrainingData(images_t, conditions, targets_t, usable, unlabelled, hidden, values, ums)
+        return TrainingData(images_t, conditions, targets_t, sorted(visible), unlabelled, hidden, values, ums)
 
     def _unsupervised_masks(self, dataset: Dataset, stems: list[str], workdir: Path) -> torch.Tensor:
         """UMs of every real image at its own size (as slic-um makes them), resized to the training size."""
@@ -277,7 +275,7 @@ class UM2IGenerator(Generator):
         if cache.is_file():
             with np.load(cache) as saved:
                 if str(saved["key"]) == key:
-                    return torch.from_numpy(saved["ums"].astype(np.float32) / 255.0)
+                    return torch.from_numpy(saved["ums"].astype(np.float32))
         out = []
         with self.context.progress.task("unsupervised masks", total=len(dataset)) as task:
             for i in range(len(dataset)):
@@ -285,13 +283,11 @@ class UM2IGenerator(Generator):
                 out.append(um[None] if um.ndim == 2 else np.moveaxis(um, -1, 0))
                 task.advance()
         channels = max(u.shape[0] for u in out)
-        levels = np.stack([np.repeat(u, channels // u.shape[0], axis=0) for u in out])
-        as_uint8 = np.round(levels * 255.0).astype(np.uint8)  # levels are whole numbers on the 0-255 scale
-
-        buf = io.BytesIO()
-        np.savez_compressed(buf, ums=as_uint8, key=np.array(key), stems=np.array(stems))
+        levels = np.stack([np.repeat(u, channels // u.shape[0], axis=0) for u in out]).astype(np.float32)
+        buf = io.BytesIO()  # UMs are piecewise constant: they compress to almost nothing
+        np.savez_compressed(buf, ums=levels, key=np.array(key), stems=np.array(stems))
         write_bytes_atomic(cache, buf.getvalue())
-        return torch.from_numpy(as_uint8.astype(np.float32) / 255.0)
+        return torch.from_numpy(levels)
 
     def _arch(self, data: TrainingData) -> NetArch:
         cfg = self.config
@@ -320,6 +316,10 @@ class UM2IGenerator(Generator):
         if saved.get("arch") != asdict(arch) or saved.get("condition") != self.config.condition:
             raise CheckpointError(f"{workdir}: trained with {saved.get('arch')} (condition "
                                   f"{saved.get('condition')!r}); resume with the same options or another --out")
+        if saved.get("um") != self.config.um_settings() or saved.get("hidden", data.hidden) != data.hidden:
+            raise CheckpointError(f"{workdir}: trained with other unsupervised or hidden masks (um_*, "
+                                  "labelled_fraction, seed or data differ); resume with the same options or another "
+                                  "--out")
         for key in ("g", "d_image", "d_seg", "opt_g", "opt_d"):
             nets[key].load_state_dict(saved[key])
         self.context.log(f"um2i: resuming at step {saved['step']}")
@@ -329,7 +329,7 @@ class UM2IGenerator(Generator):
               data: TrainingData, extra: dict[str, Any]) -> None:
         save_torch(workdir / STATE, {
             "step": state["step"], "arch": asdict(arch), "condition": self.config.condition,
-            "values": data.values, "size": self.config.size, "um": self.config.um_settings(),
+            "values": data.values, "hidden": data.hidden, "size": self.config.size, "um": self.config.um_settings(),
             "pseudo": state["pseudo"], **{k: nets[k].state_dict() for k in ("g", "d_image", "d_seg", "opt_g",
                                                                              "opt_d")}})
         write_checkpoint_card(workdir, self, state["step"], **extra)
