@@ -21,26 +21,32 @@ from medsynth_core import (
 )
 from medsynth_core.checkpoint import CARD as CHECKPOINT_CARD
 from medsynth_core.checkpoint import read_checkpoint_card
+from medsynth_core.distributed import current_processes
+from medsynth_core.runner import check_run_folder
 
 from .app import app
 from .console import RichProgress, log, settings
 from .errors import reports_errors
+from .launcher import launched, relaunch
 from .options import apply_sets, parse_extra_options
 from .reporting import print_results
 
 
 def make_context(device: str) -> Context:
-    """The context every component of one command shares."""
-    return Context(device=resolve_device(device), progress=RichProgress(quiet=settings.quiet), log=log)
+    """The context every component of one command shares; only the main process draws and logs."""
+    procs = current_processes()
+    quiet = settings.quiet or not procs.is_main
+    return Context(device=resolve_device(device, procs.local_rank), progress=RichProgress(quiet=quiet),
+                   log=(lambda line: None) if quiet else log)
 
 
-def resolve_device(device: str) -> str:
-    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'."""
+def resolve_device(device: str, local_rank: int = 0) -> str:
+    """'auto' becomes this process's GPU when one is visible, else 'cpu'."""
     if device != "auto":
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
 @app.command("run")
@@ -64,6 +70,7 @@ def run(
     evaluator: list[str] = typer.Option([], "--evaluator", help="Evaluator (repeatable), when no file."),
     checkpoint: str | None = typer.Option(None, "--checkpoint", help="Checkpoint of a trained generator."),
     sets: list[str] = typer.Option([], "--set", "-s", help="SECTION.OPTION=VALUE, e.g. generator.rotation=15."),
+    processes: int = typer.Option(1, "--processes", help="Split the samples over N processes (accelerate)."),
 ) -> None:
     """Run a pipeline: mask source -> generator -> refiners -> filters -> write -> evaluators."""
     stage_flags = generator or mask_source or refiner or filter_ or evaluator
@@ -85,7 +92,14 @@ def run(
     context = make_context(spec.run.device)
     built = build_pipeline(spec, default_registry(), context)
     real = built.open_real() if spec.run.data else None
+    if processes != 1 and not launched():
+        check_run_folder(built, resume)  # bad input: one line here, before any process starts
+        if real is not None and built.needs_data:
+            real.validate(context.progress)
+        relaunch(processes)
     result = run_pipeline(built, resume=resume, real=real)
+    if not current_processes().is_main:
+        return
     dropped = ", ".join(f"{k}: {v}" for k, v in result.dropped_by.items()) or "none"
     log(f"kept {result.kept} pairs in {result.out} (dropped {result.dropped}: {dropped})")
     if result.results:

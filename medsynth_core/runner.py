@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import remove_temporaries, write_json_atomic
+from .atomic import remove_temporaries, write_bytes_atomic, write_json_atomic
 from .config import config_to_dict
 from .dataset import BINARY_LABELS, Dataset, open_dataset
+from .distributed import Processes, current_processes
 from .errors import PipelineError
 from .image_io import write_png_image, write_png_mask
 from .manifest import ManifestWriter, read_manifest
@@ -35,6 +37,7 @@ from .set_filtering import DROPPED, apply_set_filters, is_candidate, place_files
 
 CARD = "dataset.json"
 MANIFEST = "manifest.jsonl"
+SHARDS = "shards"
 CANDIDATE_FACTOR = 50
 
 
@@ -50,14 +53,17 @@ class RunResult:
 
 
 def run_pipeline(pipeline: Pipeline, out: str | Path | None = None, *, resume: bool = False,
-                 real: Dataset | None = None) -> RunResult:
+                 real: Dataset | None = None, processes: Processes | None = None) -> RunResult:
     """Run ``pipeline`` into ``out`` (default ``[run] out``), resuming a killed run if asked.
 
     ``real`` may pass an already opened real dataset; otherwise ``[run] data`` is opened.
+    ``processes`` (default: the group this process was launched in) splits the sample indices
+    over several processes; the merged result is the one a single process makes.
     Raises PipelineError for a non-empty ``out`` without ``resume``, or a ``resume`` of a folder
     made by a different pipeline. A run that fails before its first pair removes ``out``.
     """
     spec = pipeline.spec
+    procs = processes or current_processes()
     out = Path(out or spec.run.out or "")
     if not str(out) or out == Path("."):
         raise PipelineError("no output folder: set [run] out or pass --out")
@@ -66,24 +72,38 @@ def run_pipeline(pipeline: Pipeline, out: str | Path | None = None, *, resume: b
     if real is not None and pipeline.needs_data:
         real.validate(pipeline.generator.context.progress)
 
-    fresh = _prepare_folder(out, pipeline, resume)
+    fresh, error = None, None
+    if procs.is_main:
+        try:
+            fresh = _prepare_folder(out, pipeline, resume)
+        except PipelineError as err:
+            error = err
+    procs.agree(error)
     try:
-        return _run(pipeline, out, real)
-    except BaseException:
-        if fresh is not None and not any(r["kept"] for r in read_manifest(out / MANIFEST)):
+        return _run(pipeline, out, real, procs)
+    except BaseException as err:
+        discarded = procs.is_main and fresh is not None and not any(r["kept"] for r in _all_records(out))
+        if discarded:
             _discard(out, fresh)  # nothing worth resuming: leave no half-made folder
+        if isinstance(err, OSError):  # disk full, permission denied, ...
+            where = f"{err.filename}: " if err.filename else ""
+            state = (f"nothing was kept, {out} is removed" if discarded else
+                     f"the pairs in {out} are consistent; fix this and continue with --resume")
+            raise PipelineError(f"{where}{err.strerror or err}; {state}") from None
         raise
 
 
-def _run(pipeline: Pipeline, out: Path, real: Dataset | None) -> RunResult:
+def _run(pipeline: Pipeline, out: Path, real: Dataset | None, procs: Processes) -> RunResult:
     spec = pipeline.spec
-    ctx = pipeline.generator.context
-    records = read_manifest(out / MANIFEST, repair=True)
-    place_files(out, records)
-    _remove_orphans(out, records)
-    _check_records(out, records)
     labels = real.labels if real is not None else BINARY_LABELS
-    _write_card(out, pipeline, labels, records, status="running")
+    error = None
+    if procs.is_main:
+        try:
+            records = _consolidate(out, spec.run.n, starting=True)
+            _write_card(out, pipeline, labels, records, status="running")
+        except PipelineError as err:
+            error = err
+    procs.agree(error)
 
     if pipeline.mask_source is not None and pipeline.mask_source.needs_data:
         pipeline.mask_source.fit(real)
@@ -93,32 +113,13 @@ def _run(pipeline: Pipeline, out: Path, real: Dataset | None) -> RunResult:
     if pipeline.generator.trainable:
         pipeline.generator.load(Path(spec.checkpoint))
 
-    kept = sum(1 for r in records if is_candidate(r))  # set filters judge later; n counts what they see
-    next_index = max((r["index"] for r in records), default=-1) + 1
-    limit = spec.run.max_candidates or CANDIDATE_FACTOR * spec.run.n
     allowed = frozenset(labels.values()) | {0}
-    with ManifestWriter(out / MANIFEST) as manifest, \
-            ctx.progress.task(f"generating with {pipeline.generator.name}", total=spec.run.n) as bar:
-        bar.advance(kept)
-        while kept < spec.run.n:
-            if next_index >= limit:
-                raise PipelineError(
-                    f"only {kept} of {spec.run.n} pairs kept after {next_index} candidates; "
-                    "loosen the filters or raise [run] max_candidates")
-            indices = list(range(next_index, min(next_index + spec.run.batch_size, limit)))
-            for index, sample, verdicts in _make_batch(pipeline, indices):
-                record = _record(index, sample, verdicts)
-                if record["kept"]:
-                    _check_labels(sample, allowed, pipeline)
-                    record["image"], record["mask"] = _write_pair(out, index, sample)
-                    kept += 1
-                    bar.advance()
-                manifest.append(record)
-                next_index = index + 1
-                if kept == spec.run.n:
-                    break
+    _generate(pipeline, out, allowed, procs)
+    procs.finish()
+    if not procs.is_main:
+        return RunResult(out, kept=0, dropped=0)  # the main process merges, filters and reports
 
-    records = read_manifest(out / MANIFEST)
+    records = _consolidate(out, spec.run.n)
     set_filters = [f for f in pipeline.filters if f.scope == "set"]
     if set_filters and any(f.name not in r["scores"] for r in records if is_candidate(r) for f in set_filters):
         records = apply_set_filters(out, records, set_filters, allowed, out / MANIFEST)
@@ -134,6 +135,159 @@ def _run(pipeline: Pipeline, out: Path, real: Dataset | None) -> RunResult:
     _write_card(out, pipeline, labels, records, status="complete")
     kept = sum(1 for r in records if r["kept"])
     return RunResult(out, kept, sum(dropped_by.values()), dropped_by, results)
+
+
+def _generate(pipeline: Pipeline, out: Path, allowed: frozenset[int], procs: Processes) -> None:
+    """Decide sample indices in rounds until the first ``n`` candidates are all decided.
+
+    Each round takes the lowest undecided indices, ``batch_size`` per process; a process writes
+    its pairs and records into its own shard (``out`` itself when it works alone), then all
+    processes learn which indices were decided and which became candidates.
+    """
+    spec = pipeline.spec
+    ctx = pipeline.generator.context
+    decided = {r["index"]: is_candidate(r) for r in read_manifest(out / MANIFEST)}
+    limit = spec.run.max_candidates or CANDIDATE_FACTOR * spec.run.n
+    root = out if procs.world == 1 else out / SHARDS / f"rank-{procs.rank}"
+    root.mkdir(parents=True, exist_ok=True)
+    plan = _Plan(decided, spec.run.n, limit)
+    with ManifestWriter(root / MANIFEST) as manifest, \
+            ctx.progress.task(f"generating with {pipeline.generator.name}", total=spec.run.n) as bar:
+        shown = plan.candidates()
+        bar.advance(shown)
+        while (todo := plan.next_indices(procs.world * spec.run.batch_size)) is not None:
+            mine = todo[procs.rank * spec.run.batch_size:(procs.rank + 1) * spec.run.batch_size]
+            outcome, error = [], None
+            try:
+                for index, sample, verdicts in (_make_batch(pipeline, mine) if mine else ()):
+                    record = _record(index, sample, verdicts)
+                    if record["kept"]:
+                        _check_labels(sample, allowed, pipeline)
+                        record["image"], record["mask"] = _write_pair(root, index, sample)
+                    manifest.append(record)
+                    outcome.append((index, record["kept"]))
+                    if procs.world == 1:
+                        plan.add(index, record["kept"])
+                        if plan.done():
+                            break  # alone, stop at the last pair needed: nothing past it is written
+            except Exception as err:  # every process must hear of it, or the others wait forever
+                error = err
+            procs.agree(error)
+            for part in procs.gather(outcome):
+                for index, candidate in part:
+                    plan.add(index, candidate)
+            now = plan.candidates()
+            bar.advance(now - shown)
+            shown = now
+
+
+class _Plan:
+    """Which sample indices to decide next, given the decided ones and the target ``n``."""
+
+    def __init__(self, decided: dict[int, bool], n: int, limit: int) -> None:
+        self.decided, self.n, self.limit = decided, n, limit
+        self.count = sum(decided.values())  # candidates among the decided indices
+        self._frontier = 0  # every index below it is decided
+
+    def add(self, index: int, candidate: bool) -> None:
+        """Record that ``index`` was decided."""
+        if index not in self.decided:
+            self.decided[index] = candidate
+            self.count += candidate
+
+    def candidates(self) -> int:
+        """Candidates among the decided indices, counting at most ``n``."""
+        return min(self.n, self.count)
+
+    def done(self) -> bool:
+        """Whether the first ``n`` candidates and every index before the last of them are decided."""
+        while self._frontier in self.decided:
+            self._frontier += 1
+        return self.count >= self.n and self._frontier > _nth_candidate(self.decided, self.n)
+
+    def next_indices(self, count: int) -> list[int] | None:
+        """Up to ``count`` undecided indices that the first ``n`` candidates may need; None when done."""
+        if self.done():
+            return None
+        upper = _nth_candidate(self.decided, self.n) if self.count >= self.n else self.limit
+        todo = []
+        index = self._frontier
+        while len(todo) < count and index < upper:
+            if index not in self.decided:
+                todo.append(index)
+            index += 1
+        if not todo:
+            raise PipelineError(
+                f"only {self.candidates()} of {self.n} pairs kept after {self.limit} candidates; "
+                "loosen the filters or raise [run] max_candidates")
+        return todo
+
+
+def _nth_candidate(decided: dict[int, bool], n: int) -> int:
+    return sorted(index for index, candidate in decided.items() if candidate)[n - 1]
+
+
+def _consolidate(out: Path, n: int, *, starting: bool = False) -> list[dict[str, Any]]:
+    """Fold shard manifests into the main one, drop what lies past the ``n``-th candidate, tidy files.
+
+    Files move first, the main manifest is rewritten atomically next, the shards go last, so a
+    kill at any moment leaves a folder this function can finish tidying. When ``starting``, a
+    main manifest already past ``n`` (a finished run resumed with a smaller ``n``) is refused
+    rather than cut, since that would delete finished pairs.
+    """
+    records = read_manifest(out / MANIFEST, repair=True)
+    if starting and len(_first_candidates(records, n)) < len(records):
+        held = sum(1 for r in records if is_candidate(r))
+        raise PipelineError(f"{out}: already holds {held} pairs, more than n = {n}; "
+                            f"resume with n of at least {held}, or choose another --out")
+    shards = sorted((out / SHARDS).glob("rank-*")) if (out / SHARDS).is_dir() else []
+    if shards:
+        known = {r["index"] for r in records}
+        for shard in shards:
+            for record in read_manifest(shard / MANIFEST, repair=True):
+                if record["index"] in known:
+                    continue
+                known.add(record["index"])
+                records.append(record)
+                if is_candidate(record):
+                    for key in ("image", "mask"):
+                        source, target = shard / record[key], out / record[key]
+                        if source.is_file():
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            os.replace(source, target)
+    ordered = sorted(records, key=lambda r: r["index"])
+    trimmed = _first_candidates(ordered, n)
+    if trimmed != records:
+        write_bytes_atomic(out / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in trimmed).encode())
+    for shard in shards:
+        shutil.rmtree(shard, ignore_errors=True)
+    if shards:
+        shutil.rmtree(out / SHARDS, ignore_errors=True)
+    place_files(out, trimmed)
+    _remove_orphans(out, trimmed)
+    _check_records(out, trimmed)
+    return trimmed
+
+
+def _first_candidates(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The records up to the ``n``-th candidate when every index before it is decided; else all."""
+    count = 0
+    for position, record in enumerate(records):
+        if record["index"] != position:
+            return records  # a gap: the run is not finished, nothing lies past its end yet
+        count += is_candidate(record)
+        if count == n:
+            return records[:position + 1]
+    return records
+
+
+def _all_records(out: Path) -> list[dict[str, Any]]:
+    """Records of the main manifest and of every shard, as they stand."""
+    records = read_manifest(out / MANIFEST)
+    if (out / SHARDS).is_dir():
+        for shard in sorted((out / SHARDS).glob("rank-*")):
+            records += read_manifest(shard / MANIFEST)
+    return records
 
 
 def _make_batch(pipeline: Pipeline, indices: Sequence[int]):
@@ -223,6 +377,15 @@ def _expect_count(component: Component, items: Sequence[Any], n: int) -> None:
 def _stage_record(component: Component) -> dict[str, Any]:
     return {"role": component.role, "name": component.name, "plugin": component.plugin,
             "version": component.version, "config": config_to_dict(component.config)}
+
+
+def check_run_folder(pipeline: Pipeline, resume: bool, out: str | Path | None = None) -> None:
+    """Raise PipelineError where ``run_pipeline`` would refuse ``out``, changing nothing."""
+    out = Path(out or pipeline.spec.run.out or "")
+    if not str(out) or out == Path("."):
+        raise PipelineError("no output folder: set [run] out or pass --out")
+    if out.exists():
+        _prepare_folder(out, pipeline, resume)
 
 
 def _prepare_folder(out: Path, pipeline: Pipeline, resume: bool) -> str | None:
