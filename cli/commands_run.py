@@ -23,6 +23,8 @@ from medsynth_core.checkpoint import CARD as CHECKPOINT_CARD
 from medsynth_core.checkpoint import read_checkpoint_card
 from medsynth_core.distributed import current_processes
 from medsynth_core.runner import check_run_folder
+from medsynth_core.training import EXTRAS_KEY as TRAINING
+from medsynth_core.training import TrainingSettings
 
 from .app import app
 from .console import RichProgress, log, settings
@@ -119,6 +121,10 @@ def train(
     drop_empty: bool = typer.Option(False, "--drop-empty", help="Drop 3-D slices with an empty label."),
     device: str = typer.Option("auto", "--device", help="'auto', 'cpu', 'cuda', ..."),
     resume: bool = typer.Option(False, "--resume", help="Continue training from the checkpoint in --out."),
+    processes: int = typer.Option(1, "--processes", help="Data-parallel training over N processes (accelerate)."),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision",
+                                        help="auto (the generator's option), no, fp16 or bf16."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation steps per optimiser step."),
 ) -> None:
     """Train a generator; its options follow as --name value (see `medsynth info GENERATOR`)."""
     registry = default_registry()
@@ -127,17 +133,33 @@ def train(
         raise ConfigError(f"generator {generator!r} needs no training; use it directly in `medsynth run`")
     options = parse_extra_options(ctx.args, info.cls.Config, f"generator {generator!r}")
     build_config(info.cls.Config, options, f"generator {generator!r}")  # check before touching the disk
+    training = TrainingSettings(mixed_precision=mixed_precision, grad_accum=grad_accum)
+    procs = current_processes()
+    error = None
+    if procs.is_main:  # the others would see the main process's first files as a non-empty folder
+        try:
+            _check_checkpoint_folder(out, generator, resume)
+        except PipelineError as err:
+            error = err
+    procs.agree(error)
+    dataset = open_dataset(data, require_masks=False, layout=layout, slice_axis=slice_axis, drop_empty=drop_empty)
+    context = make_context(device)
+    dataset.validate(context.progress)
+    if processes != 1 and not launched():
+        relaunch(processes)
+    context.extras[TRAINING] = training
+    component = registry.create("generator", generator, options, context=context)
+    checkpoint = component.fit(dataset, out)
+    procs.finish()
+    log(f"checkpoint: {checkpoint}")
+
+
+def _check_checkpoint_folder(out: Path, generator: str, resume: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not resume:
             raise PipelineError(f"{out}: folder is not empty; pass --resume to continue training there")
         if (out / CHECKPOINT_CARD).is_file():
             read_checkpoint_card(out, expected=generator)
-    dataset = open_dataset(data, require_masks=False, layout=layout, slice_axis=slice_axis, drop_empty=drop_empty)
-    context = make_context(device)
-    dataset.validate(context.progress)
-    component = registry.create("generator", generator, options, context=context)
-    checkpoint = component.fit(dataset, out)
-    log(f"checkpoint: {checkpoint}")
 
 
 def _pipeline_from_flags(generator: str | None, mask_source: str | None, refiners: list[str],
