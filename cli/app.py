@@ -24,7 +24,15 @@ def _global(
     settings.debug = debug
 
 
-from . import commands_catalog, commands_data, commands_evaluate, commands_export, commands_run, reference  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    commands_bench,
+    commands_catalog,
+    commands_data,
+    commands_evaluate,
+    commands_export,
+    commands_run,
+    reference,
+)
 
 
 def main() -> None:

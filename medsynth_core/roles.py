@@ -93,12 +93,18 @@ class Generator(Component):
     ``requires``: condition kinds it needs. ``makes``: what its samples carry besides the image
     (``mask``, ``soft_mask``); a sample without either gets the condition's mask as its mask.
     Trainable generators set ``trainable`` and implement ``fit`` and ``load``.
+    ``recipe`` (optional) is a small CPU-sized demonstration of the generator, so that
+    ``medsynth bench`` can run it beside every other installed method: pipeline sections
+    (``mask_source``, ``generator`` options, ``refiners``, ``filters``) and, for a trainable
+    generator, ``train`` (the options of its ``fit``). The string ``"{checkpoint}"`` in a section
+    stands for the folder that training wrote.
     """
 
     role = "generator"
     requires: ClassVar[frozenset[str]] = frozenset()
     makes: ClassVar[frozenset[str]] = frozenset()
     trainable: ClassVar[bool] = False
+    recipe: ClassVar[dict[str, Any] | None] = None
 
     def fit(self, dataset: Dataset, workdir: Path) -> Path:
         """Train on ``dataset``, writing checkpoints into ``workdir``; return the checkpoint folder.

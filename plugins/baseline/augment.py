@@ -34,6 +34,10 @@ class AugmentGenerator(Generator):
     Config = AugmentConfig
     requires = frozenset({"image", "mask"})
     makes = frozenset({"mask"})
+    recipe = {  # the control row of every comparison: classical augmentation of the real pairs
+        "mask_source": {"name": "real-pairs"},
+        "filters": [{"name": "mask-area", "min_fraction": 0.05, "max_fraction": 0.6}],
+    }
 
     def generate(self, conditions: Sequence[Condition], seeds: Sequence[int]) -> list[Sample]:
         return [self._augment(c, s) for c, s in zip(conditions, seeds)]
