@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +39,8 @@ from medsynth_plugins.common.sd_base import (
     load_sd_base,
     make_scheduler,
     mask_prompt,
-    precision,
+    resolve_precision,
+    sampling_dtype,
     save_sd_base,
     train_small_base,
 )
@@ -333,7 +338,7 @@ def test_one_training_step_changes_the_controlnet_and_leaves_the_base_frozen(sd_
     samples = _pairs()
     prompts = [mask_prompt(s.mask, LABELS) for s in samples]
     trainer = ControlNetTrainer(base, controlnet, samples, prompts, SIZE, lr=1e-3, batch_size=2, empty_prompt_rate=0.5,
-                                generator=torch.Generator().manual_seed(0))
+                                seed=0)
     loss = trainer.step()
     assert np.isfinite(loss) and loss > 0
     after = controlnet.state_dict()
@@ -350,7 +355,7 @@ def test_gradient_checkpointing_gives_the_same_step(sd_folder: Path) -> None:
         base = load_sd_base(sd_folder)
         controlnet = controlnet_for(base)
         trainer = ControlNetTrainer(base, controlnet, samples, prompts, SIZE, lr=1e-3, batch_size=2,
-                                    empty_prompt_rate=0.0, generator=torch.Generator().manual_seed(0),
+                                    empty_prompt_rate=0.0, seed=0,
                                     gradient_checkpointing=checkpointing)
         results.append((trainer.step(), controlnet.controlnet_mid_block.weight.detach().clone()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
@@ -358,10 +363,10 @@ def test_gradient_checkpointing_gives_the_same_step(sd_folder: Path) -> None:
 
 
 def test_mixed_precision_is_for_cuda_only() -> None:
-    assert precision("auto", "cpu")[1:] == (None, torch.float32)
-    assert precision("fp16", "cpu")[1:] == (None, torch.float32)  # autocast on the CPU would only be slower
-    assert precision("bf16", "cuda:1")[1:] == (None, torch.bfloat16)  # bf16 needs no loss scaling
-    assert precision("auto", "cuda")[2] == torch.float16
+    assert resolve_precision("auto", "cpu") == resolve_precision("fp16", "cpu") == "no"  # CPU autocast: only slower
+    assert (resolve_precision("auto", "cuda"), resolve_precision("bf16", "cuda:1")) == ("fp16", "bf16")
+    assert sampling_dtype("auto", "cpu") == torch.float32 and sampling_dtype("auto", "cuda") == torch.float16
+    assert sampling_dtype("bf16", "cuda:1") == torch.bfloat16
 
 
 def test_a_fresh_controlnet_changes_nothing_and_a_trained_one_follows_the_mask() -> None:
@@ -384,7 +389,7 @@ def test_a_fresh_controlnet_changes_nothing_and_a_trained_one_follows_the_mask()
     assert torch.allclose(fresh[0], fresh[1], atol=1e-6)
     samples = [Sample(image=(0.1 + 0.8 * m).astype(np.float32), mask=m) for m in masks]
     trainer = ControlNetTrainer(base, controlnet, samples, ["a medical image with lung"] * 2, SIZE, lr=3e-3,
-                                batch_size=2, empty_prompt_rate=0.0, generator=torch.Generator().manual_seed(0))
+                                batch_size=2, empty_prompt_rate=0.0, seed=0)
     for _ in range(3):
         trainer.step()
     trained = draw()
@@ -495,3 +500,122 @@ def test_generate_before_load_is_a_pipeline_error() -> None:
     gen = ControlNetGenerator(ControlNetConfig(), context=Context(), name="controlnet")
     with pytest.raises(PipelineError, match="load"):
         gen.generate([Condition(mask=disc_mask())], [0])
+
+
+# --- training through accelerate: several processes, gradient accumulation, resume ---------------------------
+
+
+def train_command(demo: Path, out: Path, *flags: object, **changes: object) -> list[str]:
+    """``medsynth train controlnet`` on the CPU with the TINY options (``changes`` applied) and ``flags``."""
+    return [sys.executable, "-m", "medsynth_cli", "-q", "train", "controlnet", "--data", str(demo), "--out", str(out),
+            "--device", "cpu", *(str(a) for a in (*tiny(**changes), *flags))]
+
+
+def run_quietly(command: list[str]) -> None:
+    """Run a training command in one OpenMP thread per process; fail with its output when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def controlnet_weights(ck: Path, step: int) -> dict[str, torch.Tensor]:
+    """The ControlNet weights of checkpoint ``step`` in ``ck``."""
+    from safetensors.torch import load_file
+
+    return load_file(ck / "checkpoints" / f"step-{step:06d}" / "controlnet" / "diffusion_pytorch_model.safetensors")
+
+
+def loss_rows(ck: Path) -> list[tuple[str, int, float]]:
+    return [(r["stage"], int(r["step"]), float(r["loss"]))
+            for r in csv.DictReader((ck / "loss.csv").read_text().splitlines())]
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+@pytest.fixture(scope="module")
+def two_processes(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 small-base steps and 2 ControlNet steps trained by two CPU processes (accelerate, gloo)."""
+    out = tmp_path_factory.mktemp("ddp") / "ck"
+    run_quietly(train_command(demo_dir, out, "--processes", 2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def accumulated(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same training for 3 ControlNet steps in one process, two micro-batches per step."""
+    out = tmp_path_factory.mktemp("accum") / "ck"
+    run_quietly(train_command(demo_dir, out, "--grad-accum", 2, steps=3, validate_every=0))
+    return out
+
+
+def test_two_processes_train_a_checkpoint_that_generates(two_processes: Path) -> None:
+    card = read_checkpoint_card(two_processes, expected="controlnet")
+    assert card["step"] == 2 and card["latest"] == "checkpoints/step-000002" and card["base"] == "base"
+    assert torch.load(two_processes / "checkpoints" / "step-000002" / "state.pt", weights_only=False)["step"] == 2
+    # only the main process logs and draws: every step once, one grid per validation
+    assert [(stage, step) for stage, step, _ in loss_rows(two_processes)] == [
+        ("base", 1), ("base", 2), ("base", 3), ("controlnet", 1), ("controlnet", 2)]
+    assert {p.name for p in (two_processes / "validation").iterdir()} == {
+        "step-000000.png", "step-000001.png", "step-000002.png", "progress.png"}
+    trained = controlnet_weights(two_processes, 2)
+    assert any(trained[k].any() for k in trained if k.startswith(ZERO_CONVOLUTIONS))  # the zero convolutions learnt
+    gen = ControlNetGenerator(ControlNetConfig(sampling_steps=2), context=Context(device="cpu"), name="controlnet")
+    gen.load(two_processes)
+    masks = [disc_mask(48, (20, 24), 10), disc_mask(SIZE, (16, 12), 6)]
+    pairs = gen.generate([Condition(mask=m) for m in masks], [3, 4])
+    assert [p.image.shape for p in pairs] == [(48, 48), (SIZE, SIZE)]
+    assert all(np.isfinite(p.image).all() and 0 <= p.image.min() <= p.image.max() <= 1 for p in pairs)
+
+
+def test_gradient_accumulation_in_one_process_trains_what_two_processes_train(two_processes: Path,
+                                                                                accumulated: Path) -> None:
+    """Micro-batch k of a step is drawn as process k would draw it, and both average the same gradients."""
+    assert read_checkpoint_card(accumulated, expected="controlnet")["step"] == 3
+    assert [row[:2] for row in loss_rows(accumulated)][-3:] == [("controlnet", 1), ("controlnet", 2),
+                                                                ("controlnet", 3)]
+    ddp, accum = loss_rows(two_processes), loss_rows(accumulated)[:5]
+    assert [r[:2] for r in ddp] == [r[:2] for r in accum]
+    assert [r[2] for r in ddp] == pytest.approx([r[2] for r in accum], rel=1e-5)  # the mean over both batches
+    assert same_weights(controlnet_weights(two_processes, 2), controlnet_weights(accumulated, 2))
+    from safetensors.torch import load_file
+
+    unet = "base/unet/diffusion_pytorch_model.safetensors"
+    assert same_weights(load_file(two_processes / unet), load_file(accumulated / unet))  # the small base too
+
+
+def test_two_processes_resume_where_they_stopped(two_processes: Path, accumulated: Path, demo_dir: Path,
+                                                 tmp_path: Path) -> None:
+    out = tmp_path / "ck"
+    shutil.copytree(two_processes, out)
+    run_quietly(train_command(demo_dir, out, "--processes", 2, "--resume", steps=3, validate_every=0))
+    assert read_checkpoint_card(out, expected="controlnet")["step"] == 3
+    # neither the base nor the ControlNet starts again: one more step, logged once
+    assert [row[:2] for row in loss_rows(out)] == [("base", 1), ("base", 2), ("base", 3), ("controlnet", 1),
+                                                   ("controlnet", 2), ("controlnet", 3)]
+    assert same_weights(controlnet_weights(out, 2), controlnet_weights(two_processes, 2))
+    after = controlnet_weights(out, 3)
+    assert not same_weights(after, controlnet_weights(out, 2))
+    # exactly where an uninterrupted run gets (the accumulated run trains what two processes do)
+    assert same_weights(after, controlnet_weights(accumulated, 3))
+
+
+def test_gradient_accumulation_steps_once_for_all_micro_batches() -> None:
+    from medsynth_core.training import EXTRAS_KEY, TrainingSettings, step_generator
+    from medsynth_plugins.common.sd_base import training_accelerator
+
+    base = pixel_base()
+    controlnet = controlnet_for(base)
+    samples = _pairs()
+    accelerator = training_accelerator(Context(extras={EXTRAS_KEY: TrainingSettings(grad_accum=2)}))
+    trainer = ControlNetTrainer(base, controlnet, samples, [mask_prompt(s.mask, LABELS) for s in samples], SIZE,
+                                lr=1e-3, batch_size=2, empty_prompt_rate=0.5, seed=5, accelerator=accelerator)
+    with torch.no_grad():
+        micro = [float(trainer._loss(step_generator(5, 0, k))) for k in (0, 1)]
+    before = {k: v.clone() for k, v in controlnet.state_dict().items()}
+    loss = trainer.step()
+    assert micro[0] != pytest.approx(micro[1]) and loss == pytest.approx(sum(micro) / 2, rel=1e-5)
+    assert {float(s["step"]) for s in trainer.optimiser.state_dict()["state"].values()} == {1.0}  # one Adam step
+    assert not all(torch.equal(v, before[k]) for k, v in controlnet.state_dict().items())
+    assert trainer.state_dict()["step"] == 1

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -409,3 +412,26 @@ def test_attention_iou_evaluator_scores_every_chain(trained: Path, demo_dir: Pat
     assert metrics["attention-iou/otsu"].value > metrics["attention-iou/full-mask"].value
     assert registry.create("evaluator", "attention-iou").unavailable()
     assert set(CHAINS) >= {"adaptive-threshold", "affinity", "densecrf", "method1", "method2"}
+
+
+def test_two_processes_train_sd_attention_with_grounding(demo_dir: Path, tmp_path: Path) -> None:
+    """`medsynth train sd-attention --processes 2`: the small base, then grounding, data parallel on the CPU."""
+    out = tmp_path / "ck"
+    command = [sys.executable, "-m", "medsynth_cli", "-q", "train", "sd-attention", "--data", str(demo_dir), "--out",
+               str(out), "--processes", "2", "--device", "cpu", "--resolution", "32", "--base-widths", "16,32",
+               "--base-steps", "2", "--grounding-steps", "2", "--batch-size", "2", "--checkpoint-every", "1"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    card = read_checkpoint_card(out, expected="sd-attention")
+    assert card["step"] == 4 and card["base"] == "grounded" and card["resolution"] == 32  # 2 base + 2 grounding
+    rows = [tuple(r.split(",")[:2]) for r in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert rows == [("base", "1"), ("base", "2"), ("grounding", "1"), ("grounding", "2")]  # logged once
+    assert not (out / "base-train").exists() and not (out / "grounding-train").exists()
+    gen = SDAttentionGenerator(SDAttentionConfig(sampling_steps=2), context=Context(device="cpu"),
+                               name="sd-attention")
+    gen.load(out)
+    samples = gen.generate([Condition()] * 2, [1, 2])
+    for s in samples:
+        s.check("test")
+        assert s.image.shape == (32, 32) and s.soft_mask.shape == (32, 32) and np.isfinite(s.soft_mask).all()

@@ -15,7 +15,10 @@ and tokenizer, the training noise schedule and, for latent models, an ``Autoenco
   such as a pixel-space base.
 
 Training helpers (:class:`StepCheckpoints`, :class:`LossLog`, :func:`diffusion_loss`,
-:func:`precision`) are shared by the methods that fine-tune on top of a base.
+:func:`training_accelerator`, :func:`train_step`) are shared by the methods that fine-tune on top
+of a base. Every training loop goes through accelerate (``medsynth_core.training``): one process, or
+several under ``medsynth train --processes N`` (data parallel, each process drawing its own batches),
+mixed precision and gradient accumulation from the command's flags; only the main process writes.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsynth_core import CheckpointError, ConfigError, Dataset, Progress, Sample, SilentProgress, torch_generator
+from medsynth_core import (
+    CheckpointError,
+    ConfigError,
+    Context,
+    Dataset,
+    Progress,
+    Sample,
+    SilentProgress,
+    torch_generator,
+)
+from medsynth_core.training import make_accelerator, step_generator
 
 from .images import image_batch
 
@@ -434,18 +447,22 @@ def build_small_base(recipe: SmallBaseRecipe) -> SDBase:
 @quiet_hub()
 def train_small_base(dataset: Dataset, workdir: Path, recipe: SmallBaseRecipe, *, device: str = "cpu",
                      mixed_precision: str = "auto", progress: Progress | None = None,
-                     log: Callable[[str], None] = print, labels: dict[str, int] | None = None) -> Path:
+                     log: Callable[[str], None] = print, labels: dict[str, int] | None = None,
+                     accelerator: Any = None) -> Path:
     """Train the small base on every image of ``dataset`` with its mask's prompt; return ``workdir/base``.
 
     A latent recipe trains the VAE first (``vae_steps``), then the UNet and text encoder together
     (``steps``) with ``prompt_dropout`` of the prompts emptied for classifier-free guidance.
     Checkpoints go to ``workdir/base-train`` every ``checkpoint_every`` steps and training resumes
     from the newest; the finished base is written to ``workdir/base`` (already there: nothing to do).
-    Losses are appended to ``workdir/loss.csv``.
+    Losses are appended to ``workdir/loss.csv``. ``accelerator`` (see :func:`training_accelerator`)
+    runs the steps, on every process of a data-parallel group; without one, a lone process on
+    ``device`` with ``mixed_precision``.
     """
     out = workdir / "base"
     if (out / "model_index.json").is_file():
         return out
+    acc = accelerator or training_accelerator(Context(device=device), mixed_precision, seed=recipe.seed)
     progress = progress or SilentProgress()
     labels = labels or dataset.labels
     samples = list(dataset)
@@ -455,21 +472,21 @@ def train_small_base(dataset: Dataset, workdir: Path, recipe: SmallBaseRecipe, *
     base = build_small_base(recipe)
     ckpts = StepCheckpoints(workdir / "base-train")
     loss_log = LossLog(workdir / "loss.csv")
-    gen = torch.Generator().manual_seed(recipe.seed)
     vae_steps = recipe.vae_steps if recipe.latent else 0
     total = vae_steps + recipe.steps
     step, state = 0, None
     latest = ckpts.latest()
     if latest is not None:
-        step, state = _restore_small(base, latest, gen)
+        step, state = _restore_small(base, latest)
         log(f"resuming the small base at step {step} from {latest}")
+    acc.wait_for_everyone()  # every process has read the checkpoint before the main one writes the next
+    device = acc.device
     base.to(device)
-    autocast, scaler, _ = precision(mixed_precision, device)
     images = _image_tensor(samples, recipe.resolution, recipe.channels)
     with progress.task("training the small base", total=total) as task:
         task.advance(step)
         if step < vae_steps:
-            step = _train_vae(base, images, recipe, step, state, gen, ckpts, loss_log, task, autocast, scaler, device)
+            step = _train_vae(acc, base, images, recipe, step, state, ckpts, loss_log, task)
             state = None
         if step == vae_steps and recipe.latent and state is None:
             _set_latent_scale(base, images, device)
@@ -481,31 +498,38 @@ def train_small_base(dataset: Dataset, workdir: Path, recipe: SmallBaseRecipe, *
         optimiser = torch.optim.AdamW([p for m in trainable for p in m.parameters()], lr=recipe.lr, weight_decay=1e-2)
         if state is not None and step >= vae_steps:
             optimiser.load_state_dict(state["optimiser"])
-            _load_scaler(scaler, state)
-        empty = [""] * len(samples)
-        while step < total:
+            load_scaler(acc, state)
+        unet, text_encoder, optimiser = acc.prepare(base.unet, base.text_encoder, optimiser)
+
+        def loss_of(gen: torch.Generator) -> torch.Tensor:
             pick = torch.randint(len(samples), (min(recipe.batch_size, len(samples)),), generator=gen)
             drop = torch.rand(len(pick), generator=gen) < recipe.prompt_dropout
-            batch_prompts = [empty[i] if d else prompts[i] for i, d in zip(pick.tolist(), drop.tolist())]
-            with autocast():
-                with torch.no_grad():
-                    clean = base.to_model_space(images[pick].to(device) * 2 - 1, gen)
-                ids = base.tokenizer(batch_prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt").input_ids.to(device)
-                emb = base.text_encoder(ids)[0]
-                loss = diffusion_loss(base.scheduler, lambda x, t, emb=emb: base.unet(x, t, emb).sample, clean, gen)
-            backward_step(loss, optimiser, scaler, trainable)
+            batch_prompts = ["" if d else prompts[i] for i, d in zip(pick.tolist(), drop.tolist())]
+            with torch.no_grad():
+                clean = base.to_model_space(images[pick].to(device) * 2 - 1, gen)
+            ids = base.tokenizer(batch_prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(device)
+            emb = text_encoder(ids)[0]
+            return diffusion_loss(base.scheduler, lambda x, t: unet(x, t, emb).sample, clean, gen)
+
+        while step < total:
+            value = train_step(acc, [unet, text_encoder], optimiser, recipe.seed, step, loss_of)
             step += 1
-            value = float(loss.detach())
-            loss_log.add("base", step, value)
+            if acc.is_main_process:
+                loss_log.add("base", step, value)
             task.advance()
             task.show(loss=f"{value:.4f}")
             if step % recipe.checkpoint_every == 0 or step == total:
-                _save_small(base, ckpts, step, optimiser, scaler, gen)
-                loss_log.flush()
+                if acc.is_main_process:
+                    _save_small(base, ckpts, step, optimiser, acc.scaler)
+                    loss_log.flush()
+                acc.wait_for_everyone()
+        acc.free_memory()
     base.freeze()
-    save_sd_base(base, out)
-    shutil.rmtree(workdir / "base-train", ignore_errors=True)
+    if acc.is_main_process:
+        save_sd_base(base, out)
+        shutil.rmtree(workdir / "base-train", ignore_errors=True)
+    acc.wait_for_everyone()
     return out
 
 
@@ -513,59 +537,76 @@ def _image_tensor(samples: Sequence[Sample], size: int, channels: int) -> torch.
     return image_batch([s.image for s in samples], size, channels)
 
 
-def _train_vae(base, images, recipe, step, state, gen, ckpts, loss_log, task, autocast, scaler, device) -> int:
+class _VAELoss(torch.nn.Module):
+    """The VAE's training loss as one forward pass, so that data parallel sees encode and decode together."""
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x)
+        recon = self.vae.decode(z).sample
+        # L1 keeps edges sharper than L2; the tiny KL weight only keeps the latents bounded (as in LDM)
+        return F.l1_loss(recon.float(), x.float()) + 1e-6 * posterior.kl().mean()
+
+
+def _train_vae(acc: Any, base: SDBase, images: torch.Tensor, recipe: SmallBaseRecipe, step: int,
+               state: dict[str, Any] | None, ckpts: StepCheckpoints, loss_log: LossLog, task: Any) -> int:
+    """The small base's VAE stage, from ``step`` to ``recipe.vae_steps``; returns the step reached."""
     vae = base.vae.train().requires_grad_(True)
     optimiser = torch.optim.AdamW(vae.parameters(), lr=recipe.lr)
     if state is not None:
         optimiser.load_state_dict(state["optimiser"])
-        _load_scaler(scaler, state)
-    while step < recipe.vae_steps:
+        load_scaler(acc, state)
+    model, optimiser = acc.prepare(_VAELoss(vae), optimiser)
+
+    def loss_of(gen: torch.Generator) -> torch.Tensor:
         pick = torch.randint(len(images), (min(recipe.batch_size, len(images)),), generator=gen)
-        x = images[pick].to(device) * 2 - 1
-        with autocast():
-            posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(x)
-            recon = vae.decode(z).sample
-            # L1 keeps edges sharper than L2; the tiny KL weight only keeps the latents bounded (as in LDM)
-            loss = F.l1_loss(recon.float(), x.float()) + 1e-6 * posterior.kl().mean()
-        backward_step(loss, optimiser, scaler, [vae])
+        return model(images[pick].to(acc.device) * 2 - 1, gen)
+
+    while step < recipe.vae_steps:
+        value = train_step(acc, [model], optimiser, recipe.seed, step, loss_of)
         step += 1
-        value = float(loss.detach())
-        loss_log.add("vae", step, value)
+        if acc.is_main_process:
+            loss_log.add("vae", step, value)
         task.advance()
         task.show(loss=f"{value:.4f}")
         if step % recipe.checkpoint_every == 0 or step == recipe.vae_steps:
             vae.eval()
             if step == recipe.vae_steps:
-                _set_latent_scale(base, images, device)
-            _save_small(base, ckpts, step, optimiser if step < recipe.vae_steps else None, scaler, gen)
-            loss_log.flush()
+                _set_latent_scale(base, images, acc.device)
+            if acc.is_main_process:
+                _save_small(base, ckpts, step, optimiser if step < recipe.vae_steps else None, acc.scaler)
+                loss_log.flush()
+            acc.wait_for_everyone()
             vae.train()
+    acc.free_memory()
     vae.eval().requires_grad_(False)
     return step
 
 
 @torch.no_grad()
-def _set_latent_scale(base: SDBase, images: torch.Tensor, device: str) -> None:
+def _set_latent_scale(base: SDBase, images: torch.Tensor, device: str | torch.device) -> None:
     """Scale latents to unit variance, as SD's 0.18215 does for its VAE."""
     latents = torch.cat([base.vae.encode(images[i:i + 16].to(device) * 2 - 1).latent_dist.mean
                          for i in range(0, len(images), 16)])
     base.vae.register_to_config(scaling_factor=float(1.0 / latents.float().std().clamp_min(1e-3)))
 
 
-def _save_small(base: SDBase, ckpts: StepCheckpoints, step: int, optimiser, scaler, gen: torch.Generator) -> None:
+def _save_small(base: SDBase, ckpts: StepCheckpoints, step: int, optimiser, scaler) -> None:
     def write(folder: Path) -> None:
         for name, module in base.modules().items():
             module.save_pretrained(folder / name)
-        state = {"step": step, "rng": gen.get_state(),
-                 "optimiser": optimiser.state_dict() if optimiser is not None else None,
+        state = {"step": step, "optimiser": optimiser.state_dict() if optimiser is not None else None,
                  "scaler": scaler.state_dict() if scaler is not None else None}
         torch.save(state, folder / "state.pt")
 
     ckpts.save(step, write)
 
 
-def _restore_small(base: SDBase, folder: Path, gen: torch.Generator) -> tuple[int, dict[str, Any] | None]:
+def _restore_small(base: SDBase, folder: Path) -> tuple[int, dict[str, Any] | None]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -577,7 +618,6 @@ def _restore_small(base: SDBase, folder: Path, gen: torch.Generator) -> tuple[in
             base.vae = AutoencoderKL.from_pretrained(folder / "vae")
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{folder}: cannot resume the small base ({_first_line(err)})") from None
-    gen.set_state(state["rng"])
     return int(state["step"]), state if state.get("optimiser") is not None else None
 
 
@@ -600,39 +640,72 @@ def diffusion_loss(scheduler, model: Callable[[torch.Tensor, torch.Tensor], torc
     return F.mse_loss(model(noisy, steps).float(), target.float())
 
 
-def precision(mixed_precision: str, device: str) -> tuple[Callable[[], AbstractContextManager], Any, torch.dtype]:
-    """Autocast context factory, gradient scaler (fp16 only) and the dtype for frozen networks.
-
-    ``auto`` is fp16 on CUDA and full precision elsewhere; mixed precision is CUDA-only.
-    """
+def resolve_precision(mixed_precision: str, device: str | torch.device) -> str:
+    """A plugin's ``mixed_precision`` option as accelerate's mode: ``auto`` is fp16 on CUDA, and mixed
+    precision is CUDA-only (``no`` elsewhere). ``medsynth train --mixed-precision`` overrides it."""
     cuda = str(device).startswith("cuda")
-    mode = ("fp16" if cuda else "no") if mixed_precision == "auto" else mixed_precision
-    if mode == "no" or not cuda:
-        return nullcontext, None, torch.float32
-    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler, dtype
+    if not cuda:
+        return "no"
+    return "fp16" if mixed_precision == "auto" else mixed_precision
 
 
-def backward_step(loss: torch.Tensor, optimiser, scaler, modules: Sequence[torch.nn.Module]) -> None:
-    """Zero the gradients, backpropagate (scaled under fp16), clip to norm 1 and step."""
+def sampling_dtype(mixed_precision: str, device: str | torch.device) -> torch.dtype:
+    """The dtype of networks that only run forward (sampling, frozen parts) for a ``mixed_precision`` option."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolve_precision(mixed_precision, device),
+                                                               torch.float32)
+
+
+def training_accelerator(context: Any, mixed_precision: str = "auto", seed: int | None = None) -> Any:
+    """The ``accelerate.Accelerator`` of one training run: the command's flags (``--mixed-precision``,
+    ``--grad-accum``, ``--processes``) over the plugin's own ``mixed_precision`` option."""
+    return make_accelerator(context, mixed_precision=resolve_precision(mixed_precision, context.device), seed=seed)
+
+
+def frozen_dtype(accelerator: Any) -> torch.dtype:
+    """The dtype of the frozen networks under ``accelerator``: half precision on a GPU in mixed precision,
+    else float32 (the trained networks always keep float32 master weights)."""
+    if accelerator.device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision), torch.float32)
+
+
+def backward_step(accelerator: Any, loss: torch.Tensor, optimiser, modules: Sequence[torch.nn.Module]) -> None:
+    """Backpropagate one micro-batch (scaled under fp16, averaged over accumulation and processes);
+    on the micro-batch that completes a step, clip to norm 1 and step the optimiser."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        accelerator.clip_grad_norm_(params, 1.0)
+    optimiser.step()  # a prepared optimiser steps (and zeroes) only when the gradients are complete
     optimiser.zero_grad(set_to_none=True)
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimiser)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimiser)
-        scaler.update()
-    else:
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
 
 
-def _load_scaler(scaler, state: dict[str, Any]) -> None:
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+def train_step(accelerator: Any, models: Sequence[torch.nn.Module], optimiser, seed: int, step: int,
+               loss_of: Callable[[torch.Generator], torch.Tensor]) -> float:
+    """One optimiser step of a prepared model: ``--grad-accum`` micro-batches on every process.
+
+    ``loss_of(generator)`` draws a micro-batch with ``generator`` and returns its loss. Each
+    (step, micro-batch, process) has its own generator from :func:`step_generator`, so processes see
+    different batches, a resumed run draws what an uninterrupted one would, and N processes draw
+    the micro-batches one process draws with ``--grad-accum N``. Returns the mean loss of the step
+    over all micro-batches and processes.
+    """
+    accum, world = accelerator.gradient_accumulation_steps, accelerator.num_processes
+    total = torch.zeros((), device=accelerator.device)
+    for micro in range(accum):
+        gen = step_generator(seed, step, micro * world + accelerator.process_index)
+        with accelerator.accumulate(*models):
+            with accelerator.autocast():
+                loss = loss_of(gen)
+            backward_step(accelerator, loss, optimiser, models)
+        total += loss.detach().float()
+    return float(accelerator.reduce(total / accum, "mean"))
+
+
+def load_scaler(accelerator: Any, state: dict[str, Any]) -> None:
+    """Restore the fp16 gradient scaler saved in a checkpoint's ``state``, when both have one."""
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
 
 
 class StepCheckpoints:

@@ -127,8 +127,7 @@ class ControlNetGenerator(Generator):
     def _load(self, checkpoint: Path) -> None:
         from diffusers import ControlNetModel
 
-        from medsynth_plugins.common.sd_base import check_size, load_sd_base
-        from medsynth_plugins.common.sd_base import precision as precision_settings
+        from medsynth_plugins.common.sd_base import check_size, load_sd_base, sampling_dtype
 
         from .sampling import ControlNetSampler
 
@@ -140,7 +139,7 @@ class ControlNetGenerator(Generator):
         if missing:
             raise CheckpointError(f"{checkpoint / 'checkpoint.json'}: damaged (no {', '.join(missing)})")
         device = self.context.device
-        dtype = precision_settings(self.config.mixed_precision, device)[2]
+        dtype = sampling_dtype(self.config.mixed_precision, device)
         base_ref = card["base"] if self.config.base == SMALL else self.config.base
         base_path = checkpoint / base_ref if base_ref == "base" else base_ref
         base = load_sd_base(base_path, device=device, dtype=dtype)

@@ -13,6 +13,7 @@ import torch
 
 from medsynth_core import (
     ConfigError,
+    Context,
     Dataset,
     DatasetError,
     Sample,
@@ -29,15 +30,17 @@ from medsynth_plugins.common.sd_base import (
     SDBase,
     SmallBaseRecipe,
     StepCheckpoints,
-    backward_step,
     check_size,
     diffusion_loss,
+    frozen_dtype,
+    load_scaler,
     load_sd_base,
     mask_prompt,
     move,
-    precision,
     quiet_hub,
     train_small_base,
+    train_step,
+    training_accelerator,
 )
 
 from .conditions import condition_batch, grid, grid_tiles
@@ -60,27 +63,39 @@ def embedding_channels(vae_factor: int) -> tuple[int, ...]:
 
 
 class ControlNetTrainer:
-    """Optimises a ControlNet on top of a frozen base with the denoising loss, one step at a time."""
+    """Optimises a ControlNet on top of a frozen base with the denoising loss, one step at a time.
+
+    The ControlNet and its optimiser go through ``accelerator`` (one process, or one of a data-parallel
+    group); the frozen base is only moved to its device. Step ``k`` draws its batches with
+    :func:`~medsynth_core.training.step_generator` from ``seed``, ``k`` and the process.
+    """
 
     def __init__(self, base: SDBase, controlnet: Any, samples: Sequence[Sample], prompts: Sequence[str], size: int, *,
-                 lr: float, batch_size: int, empty_prompt_rate: float, generator: torch.Generator,
-                 device: str = "cpu", mixed_precision: str = "auto", gradient_checkpointing: bool = False) -> None:
+                 lr: float, batch_size: int, empty_prompt_rate: float, seed: int = 0, accelerator: Any = None,
+                 gradient_checkpointing: bool = False) -> None:
         if len(samples) != len(prompts):
             raise ValueError("one prompt per sample")
         self.base, self.controlnet, self.samples, self.prompts, self.size = base, controlnet, samples, prompts, size
-        self.batch_size, self.empty_prompt_rate, self.generator, self.device = (
-            batch_size, empty_prompt_rate, generator, device)
-        self.autocast, self.scaler, self.frozen_dtype = precision(mixed_precision, device)
-        base.freeze().to(device, self.frozen_dtype)
-        move(controlnet, device, torch.float32).train().requires_grad_(True)  # fp32 master weights
+        self.batch_size, self.empty_prompt_rate, self.seed = batch_size, empty_prompt_rate, seed
+        self.accelerator = acc = accelerator or training_accelerator(Context(), "no")
+        self.device, self.frozen_dtype = acc.device, frozen_dtype(acc)
+        base.freeze().to(self.device, self.frozen_dtype)
+        move(controlnet, self.device, torch.float32).train().requires_grad_(True)  # fp32 master weights
         if gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
             base.unet.enable_gradient_checkpointing()  # the loss backpropagates through the frozen decoder
-        self.optimiser = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=1e-2)
+        optimiser = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=1e-2)
+        self.model, self.optimiser = acc.prepare(controlnet, optimiser)
+        self.steps_done = 0
 
     def step(self) -> float:
-        """One optimisation step on a random batch; returns the loss."""
-        gen = self.generator
+        """One optimisation step (``--grad-accum`` micro-batches on every process); returns the mean loss."""
+        loss = train_step(self.accelerator, [self.model], self.optimiser, self.seed, self.steps_done, self._loss)
+        self.steps_done += 1
+        return loss
+
+    def _loss(self, gen: torch.Generator) -> torch.Tensor:
+        """The denoising loss of one random batch drawn with ``gen``."""
         pick = torch.randint(len(self.samples), (min(self.batch_size, len(self.samples)),), generator=gen).tolist()
         drop = (torch.rand(len(pick), generator=gen) < self.empty_prompt_rate).tolist()
         batch = [self.samples[i] for i in pick]
@@ -88,37 +103,38 @@ class ControlNetTrainer:
         channels = self.base.image_channels
         images = image_batch([s.image for s in batch], self.size, channels).to(self.device) * 2 - 1
         conditions = condition_batch([s.mask for s in batch], self.size).to(self.device)
-        with self.autocast():
-            with torch.no_grad():
-                clean = self.base.to_model_space(images, gen).float()
-                context = self.base.encode_prompts(prompts, self.device)
+        with torch.no_grad():
+            clean = self.base.to_model_space(images, gen).float()
+            context = self.base.encode_prompts(prompts, self.device)
 
-            def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                down, mid = self.controlnet(noisy, t, encoder_hidden_states=context, controlnet_cond=conditions,
-                                            return_dict=False)
-                return self.base.unet(noisy.to(self.frozen_dtype), t, context, down_block_additional_residuals=down,
-                                      mid_block_additional_residual=mid).sample
+        def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            down, mid = self.model(noisy, t, encoder_hidden_states=context, controlnet_cond=conditions,
+                                   return_dict=False)
+            return self.base.unet(noisy.to(self.frozen_dtype), t, context, down_block_additional_residuals=down,
+                                  mid_block_additional_residual=mid).sample
 
-            loss = diffusion_loss(self.base.scheduler, predict, clean, gen)
-        backward_step(loss, self.optimiser, self.scaler, [self.controlnet])
-        return float(loss.detach())
+        return diffusion_loss(self.base.scheduler, predict, clean, gen)
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimiser, scaler and random state, for resuming."""
-        return {"optimiser": self.optimiser.state_dict(), "rng": self.generator.get_state(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        """Optimiser, gradient scaler and step count, for resuming."""
+        scaler = self.accelerator.scaler
+        return {"optimiser": self.optimiser.state_dict(), "step": self.steps_done,
+                "scaler": scaler.state_dict() if scaler is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`."""
         self.optimiser.load_state_dict(state["optimiser"])
-        self.generator.set_state(state["rng"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.steps_done = int(state.get("step", self.steps_done))
+        load_scaler(self.accelerator, state)
 
 
 @quiet_hub()
 def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
-    """``ControlNetGenerator.fit``: train (or resume) into ``workdir``; return it."""
+    """``ControlNetGenerator.fit``: train (or resume) into ``workdir``; return it.
+
+    Runs on every process of a ``medsynth train --processes N`` group: each draws its own batches,
+    the gradients are averaged, and only the main process writes checkpoints, grids and logs.
+    """
     from diffusers import ControlNetModel
 
     cfg, ctx = component.config, component.context
@@ -127,7 +143,8 @@ def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
         raise DatasetError(f"{dataset.name}: no image has a mask; ControlNet learns from (mask, image) pairs")
     labels = dict(dataset.labels)
     channels = 3 if any(s.image.ndim == 3 for s in dataset) else 1
-    autocast, _, dtype = precision(cfg.mixed_precision, ctx.device)
+    acc = training_accelerator(ctx, cfg.mixed_precision, seed=cfg.seed)
+    main, dtype = acc.is_main_process, frozen_dtype(acc)
     base: SDBase | None = None
     if cfg.base == SMALL:
         recipe = SmallBaseRecipe(
@@ -139,20 +156,19 @@ def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
     else:  # load (and check) the base before anything is written
         local = Path(cfg.base).expanduser()
         base_ref = str(local.resolve()) if local.exists() else cfg.base
-        base = load_sd_base(base_ref, device=ctx.device, dtype=dtype)
+        base = load_sd_base(base_ref, device=acc.device, dtype=dtype)
         check_size(base, cfg.resolution or base.resolution)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_resumable(workdir, cfg)
+    _check_resumable(workdir, cfg, write=main)
     if base is None:
-        folder = train_small_base(dataset, workdir, recipe, device=ctx.device, mixed_precision=cfg.mixed_precision,
-                                  progress=ctx.progress, log=ctx.log, labels=labels)
-        base = load_sd_base(folder, device=ctx.device, dtype=dtype)
+        folder = train_small_base(dataset, workdir, recipe, progress=ctx.progress, log=ctx.log, labels=labels,
+                                  accelerator=acc)
+        base = load_sd_base(folder, device=acc.device, dtype=dtype)
     size = cfg.resolution or base.resolution
     check_size(base, size)
 
     ckpts = StepCheckpoints(workdir / "checkpoints")
     latest = ckpts.latest()
-    generator = torch.Generator().manual_seed(cfg.seed)
     if latest is not None:
         controlnet = ControlNetModel.from_pretrained(latest / "controlnet")
     else:
@@ -162,19 +178,20 @@ def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
             base.vae_factor))
     prompts = [mask_prompt(s.mask, labels, cfg.prompt_template) for s in samples]
     trainer = ControlNetTrainer(base, controlnet, samples, prompts, size, lr=cfg.lr, batch_size=cfg.batch_size,
-                                empty_prompt_rate=cfg.empty_prompt_rate, generator=generator, device=ctx.device,
-                                mixed_precision=cfg.mixed_precision,
+                                empty_prompt_rate=cfg.empty_prompt_rate, seed=cfg.seed, accelerator=acc,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
     step = 0
     if latest is not None:
         trainer.load_state_dict(torch.load(latest / "state.pt", map_location="cpu", weights_only=False))
-        step = StepCheckpoints.step_of(latest)
+        step = trainer.steps_done = StepCheckpoints.step_of(latest)
         ctx.log(f"resuming the ControlNet at step {step} from {latest}")
-    validation = _Validation(workdir / "validation", samples, labels, cfg, size, channels, autocast)
+    acc.wait_for_everyone()  # every process has read the checkpoint before the main one writes the next
+    validation = _Validation(workdir / "validation", samples, labels, cfg, size, channels, acc.autocast)
     extra = {"base": base_ref, "resolution": size, "channels": channels, "labels": labels}
     losses = LossLog(workdir / "loss.csv")
 
     def save() -> None:
+        """Write a checkpoint and the card (main process only)."""
         def write(folder: Path) -> None:
             controlnet.save_pretrained(folder / "controlnet")
             torch.save({**trainer.state_dict(), "step": step}, folder / "state.pt")
@@ -185,26 +202,30 @@ def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
 
     with ctx.progress.task("training the ControlNet", total=cfg.steps) as task:
         task.advance(min(step, cfg.steps))
-        if step == 0 and cfg.validate_every:
+        if step == 0 and cfg.validate_every and main:
             validation.run(base, controlnet, 0)  # zero convolutions: step 0 shows the base alone
         while step < cfg.steps:
             loss = trainer.step()
             step += 1
-            losses.add("controlnet", step, loss)
             task.advance()
             task.show(loss=f"{loss:.4f}")
-            if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                ctx.log(f"validation grid: {validation.run(base, controlnet, step)}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save()
+            if main:
+                losses.add("controlnet", step, loss)
+                if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
+                    ctx.log(f"validation grid: {validation.run(base, controlnet, step)}")
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    save()
+            acc.wait_for_everyone()
     card = workdir / "checkpoint.json"
-    if not card.is_file() or json.loads(card.read_text()).get("step") != step:
+    if main and (not card.is_file() or json.loads(card.read_text()).get("step") != step):
         save()  # a kill between a checkpoint and its card, or a resume with nothing left to train
+    acc.wait_for_everyone()
+    acc.free_memory()
     return workdir
 
 
-def _check_resumable(workdir: Path, cfg: Any) -> None:
-    """Record the options that fix the networks; refuse to resume with different ones."""
+def _check_resumable(workdir: Path, cfg: Any, write: bool = True) -> None:
+    """Record the options that fix the networks (when ``write``); refuse to resume with different ones."""
     chosen = {k: v for k, v in config_to_dict(cfg).items() if k in ARCHITECTURE}
     path = workdir / RUN_FILE
     if path.is_file():
@@ -214,7 +235,8 @@ def _check_resumable(workdir: Path, cfg: Any) -> None:
                 raise ConfigError(f"{workdir}: was trained with {key} = {before[key]!r}, not {value!r}; resume with "
                                   "the same value or choose another --out")
         return
-    write_json_atomic(path, chosen)
+    if write:
+        write_json_atomic(path, chosen)
 
 
 class _Validation:

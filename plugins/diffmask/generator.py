@@ -148,13 +148,12 @@ class SDAttentionGenerator(Generator):
         return train(self, dataset, Path(workdir))
 
     def load(self, checkpoint: Path) -> None:
-        from medsynth_plugins.common.sd_base import check_size, load_sd_base
-        from medsynth_plugins.common.sd_base import precision as precision_settings
+        from medsynth_plugins.common.sd_base import check_size, load_sd_base, sampling_dtype
 
         checkpoint = Path(checkpoint)
         card = read_checkpoint_card(checkpoint, expected=self.name)
         device = self.context.device
-        dtype = precision_settings(self.config.mixed_precision, device)[2]
+        dtype = sampling_dtype(self.config.mixed_precision, device)
         base_ref = card.get("base")
         if self.config.base != SMALL:
             base_ref = self.config.base

@@ -28,14 +28,17 @@ from medsynth_plugins.common.sd_base import (
     LossLog,
     SmallBaseRecipe,
     StepCheckpoints,
-    backward_step,
     check_size,
     diffusion_loss,
+    frozen_dtype,
+    load_scaler,
     load_sd_base,
     mask_prompt,
-    precision,
+    quiet_hub,
     save_sd_base,
     train_small_base,
+    train_step,
+    training_accelerator,
 )
 
 from .attention import grid_size, record_attention, token_positions
@@ -111,26 +114,31 @@ def grounding_batch(tokenizer: Any, prompts: Sequence[str], masks: torch.Tensor,
     return selection, targets, valid
 
 
+@quiet_hub()
 def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
-    """``SDAttentionGenerator.fit``: the base, then grounding, resumable; returns ``workdir``."""
+    """``SDAttentionGenerator.fit``: the base, then grounding, resumable; returns ``workdir``.
+
+    Runs on every process of a ``medsynth train --processes N`` group (data parallel); only the main
+    process writes.
+    """
     cfg, ctx = component.config, component.context
     samples = [s for s in dataset if s.mask is not None]
     if not samples:
         raise DatasetError(f"{dataset.name}: no image has a mask; the prompts name the classes of the masks")
+    acc = training_accelerator(ctx, cfg.mixed_precision, seed=cfg.seed)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_resumable(workdir, cfg)
+    _check_resumable(workdir, cfg, write=acc.is_main_process)
     labels = dict(dataset.labels)
     channels = 3 if any(s.image.ndim == 3 for s in samples) else 1
-    _, _, dtype = precision(cfg.mixed_precision, ctx.device)
+    dtype = frozen_dtype(acc)
     if cfg.base == SMALL:
         recipe = SmallBaseRecipe(
             resolution=cfg.resolution or SMALL_RESOLUTION, channels=channels, latent=cfg.small_base == "latent",
             widths=cfg.base_widths, steps=cfg.base_steps, vae_steps=cfg.vae_steps, batch_size=cfg.batch_size,
             lr=cfg.base_lr, template=cfg.prompt_template, words=tuple(labels), checkpoint_every=cfg.checkpoint_every,
             seed=cfg.seed)
-        source: str | Path = train_small_base(dataset, workdir, recipe, device=ctx.device,
-                                              mixed_precision=cfg.mixed_precision, progress=ctx.progress,
-                                              log=ctx.log, labels=labels)
+        source: str | Path = train_small_base(dataset, workdir, recipe, progress=ctx.progress, log=ctx.log,
+                                              labels=labels, accelerator=acc)
         base_ref = "base"
     else:
         local = Path(cfg.base).expanduser()
@@ -138,20 +146,26 @@ def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
     steps = cfg.grounding()
     trained = cfg.base_steps if cfg.base == SMALL else 0
     if steps:
-        trained += _ground(component, samples, labels, source, workdir, steps)
+        trained += _ground(component, acc, samples, labels, source, workdir, steps)
         base_ref = "grounded"
     base = load_sd_base(workdir / base_ref if base_ref in ("base", "grounded") else base_ref, device="cpu",
                         dtype=dtype)
     size = cfg.resolution or base.resolution
     check_size(base, size)
-    write_checkpoint_card(workdir, component, trained, base=base_ref, resolution=size, channels=channels,
-                          labels=labels, template=cfg.prompt_template)
+    if acc.is_main_process:
+        write_checkpoint_card(workdir, component, trained, base=base_ref, resolution=size, channels=channels,
+                              labels=labels, template=cfg.prompt_template)
+    acc.wait_for_everyone()
     return workdir
 
 
-def _ground(component: Any, samples: Sequence[Sample], labels: dict[str, int], source: str | Path, workdir: Path,
-            steps: int) -> int:
-    """Fine-tune the base with denoising + grounding losses into ``workdir/grounded``; returns the steps done."""
+def _ground(component: Any, acc: Any, samples: Sequence[Sample], labels: dict[str, int], source: str | Path,
+            workdir: Path, steps: int) -> int:
+    """Fine-tune the base with denoising + grounding losses into ``workdir/grounded``; returns the steps done.
+
+    The UNet and text encoder go through ``acc`` (data parallel over its processes); batches come
+    from :func:`train_step`'s per-step generators, seeded with ``seed + 1``.
+    """
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -159,20 +173,18 @@ def _ground(component: Any, samples: Sequence[Sample], labels: dict[str, int], s
     out = workdir / "grounded"
     if (out / "model_index.json").is_file():
         return steps
-    device = ctx.device
-    autocast, scaler, _ = precision(cfg.mixed_precision, device)
+    device = acc.device
     base = load_sd_base(source, device="cpu")
     ckpts = StepCheckpoints(workdir / "grounding-train")
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, state = 0, None
     latest = ckpts.latest()
     if latest is not None:
         state = torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
         base.unet = UNet2DConditionModel.from_pretrained(latest / "unet")
         base.text_encoder = CLIPTextModel.from_pretrained(latest / "text_encoder")
-        gen.set_state(state["rng"])
         step = int(state["step"])
         ctx.log(f"resuming grounding at step {step} from {latest}")
+    acc.wait_for_everyone()  # every process has read the checkpoint before the main one writes the next
     base.to(device)
     size = cfg.resolution or base.resolution
     trainable = [base.unet, base.text_encoder]
@@ -183,19 +195,38 @@ def _ground(component: Any, samples: Sequence[Sample], labels: dict[str, int], s
     optimiser = torch.optim.AdamW([p for m in trainable for p in m.parameters()], lr=cfg.base_lr, weight_decay=1e-2)
     if state is not None:
         optimiser.load_state_dict(state["optimiser"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        load_scaler(acc, state)
+    unet, text_encoder, optimiser = acc.prepare(base.unet, base.text_encoder, optimiser)
     images = image_batch([s.image for s in samples], size, base.image_channels)
     cells = size // base.vae_factor
     masks = mask_batch([s.mask for s in samples], cells)
     prompts = [mask_prompt(s.mask, labels, cfg.prompt_template) for s in samples]
     losses = LossLog(workdir / "loss.csv")
 
+    def loss_of(gen: torch.Generator) -> torch.Tensor:
+        """Denoising plus weighted grounding loss of one batch drawn with ``gen``."""
+        pick = torch.randint(len(samples), (min(cfg.batch_size, len(samples)),), generator=gen)
+        drop = (torch.rand(len(pick), generator=gen) < PROMPT_DROPOUT).tolist()
+        batch_prompts = ["" if d else prompts[i] for i, d in zip(pick.tolist(), drop)]
+        selection, targets, valid = grounding_batch(base.tokenizer, batch_prompts, masks[pick], labels)
+        grounding = GroundingLoss(selection.to(device), targets.to(device), valid.to(device))
+        with torch.no_grad():
+            clean = base.to_model_space(images[pick].to(device) * 2 - 1, gen)
+        ids = base.tokenizer(batch_prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        emb = text_encoder(ids)[0]
+        with record_attention(base.unet, grounding):
+            denoising = diffusion_loss(base.scheduler, lambda x, t: unet(x, t, emb).sample, clean, gen)
+        ground = grounding.value()
+        return denoising if ground is None else denoising + cfg.grounding_weight * ground
+
     def save() -> None:
+        """Write a grounding checkpoint (main process only)."""
         def write(folder: Path) -> None:
             base.unet.save_pretrained(folder / "unet")
             base.text_encoder.save_pretrained(folder / "text_encoder")
-            torch.save({"step": step, "rng": gen.get_state(), "optimiser": optimiser.state_dict(),
+            scaler = acc.scaler
+            torch.save({"step": step, "optimiser": optimiser.state_dict(),
                         "scaler": scaler.state_dict() if scaler is not None else None}, folder / "state.pt")
 
         ckpts.save(step, write)
@@ -204,37 +235,26 @@ def _ground(component: Any, samples: Sequence[Sample], labels: dict[str, int], s
     with ctx.progress.task("grounding the class words' attention", total=steps) as task:
         task.advance(step)
         while step < steps:
-            pick = torch.randint(len(samples), (min(cfg.batch_size, len(samples)),), generator=gen)
-            drop = (torch.rand(len(pick), generator=gen) < PROMPT_DROPOUT).tolist()
-            batch_prompts = ["" if d else prompts[i] for i, d in zip(pick.tolist(), drop)]
-            selection, targets, valid = grounding_batch(base.tokenizer, batch_prompts, masks[pick], labels)
-            grounding = GroundingLoss(selection.to(device), targets.to(device), valid.to(device))
-            with autocast():
-                with torch.no_grad():
-                    clean = base.to_model_space(images[pick].to(device) * 2 - 1, gen)
-                ids = base.tokenizer(batch_prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt").input_ids.to(device)
-                emb = base.text_encoder(ids)[0]
-                with record_attention(base.unet, grounding):
-                    denoising = diffusion_loss(base.scheduler, lambda x, t, e=emb: base.unet(x, t, e).sample, clean,
-                                               gen)
-                ground = grounding.value()
-                loss = denoising if ground is None else denoising + cfg.grounding_weight * ground
-            backward_step(loss, optimiser, scaler, trainable)
+            value = train_step(acc, [unet, text_encoder], optimiser, cfg.seed + 1, step, loss_of)
             step += 1
-            losses.add("grounding", step, float(loss.detach()))
             task.advance()
-            task.show(loss=f"{float(loss.detach()):.4f}")
-            if step % cfg.checkpoint_every == 0 or step == steps:
-                save()
+            task.show(loss=f"{value:.4f}")
+            if acc.is_main_process:
+                losses.add("grounding", step, value)
+                if step % cfg.checkpoint_every == 0 or step == steps:
+                    save()
+            acc.wait_for_everyone()
+    acc.free_memory()
     base.freeze()
-    save_sd_base(base, out)
-    shutil.rmtree(workdir / "grounding-train", ignore_errors=True)
+    if acc.is_main_process:
+        save_sd_base(base, out)
+        shutil.rmtree(workdir / "grounding-train", ignore_errors=True)
+    acc.wait_for_everyone()
     return step
 
 
-def _check_resumable(workdir: Path, cfg: Any) -> None:
-    """Record the options that fix the networks; refuse to resume with different ones."""
+def _check_resumable(workdir: Path, cfg: Any, write: bool = True) -> None:
+    """Record the options that fix the networks (when ``write``); refuse to resume with different ones."""
     chosen = {k: v for k, v in config_to_dict(cfg).items() if k in ARCHITECTURE}
     path = workdir / RUN_FILE
     if path.is_file():
@@ -244,4 +264,5 @@ def _check_resumable(workdir: Path, cfg: Any) -> None:
                 raise ConfigError(f"{workdir}: was trained with {key} = {before[key]!r}, not {value!r}; resume with "
                                   "the same value or choose another --out")
         return
-    write_json_atomic(path, chosen)
+    if write:
+        write_json_atomic(path, chosen)
