@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -349,6 +352,130 @@ def test_cli_train_then_run_v2um2i(demo_dir: Path, tmp_path: Path) -> None:
     assert len(list((tmp_path / "run" / "images").iterdir())) == 3 and (tmp_path / "run" / "report.json").is_file()
     mask = read_mask(tmp_path / "run" / "masks" / "000000.png")
     assert mask.shape == (32, 32)
+
+
+# ------------------------------------------------------------------ training through accelerate
+def _train(demo: Path, out: Path, *extra: str, **options: object) -> None:
+    """`medsynth train um2i` in a fresh interpreter (CPU only, one thread per process)."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "labelled_fraction": 0.75, **options}.items()]
+    command = [sys.executable, "-m", "medsynth_cli", "-q", "train", "um2i", "--data", str(demo), "--out", str(out),
+               "--device", "cpu", *flags, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _adam_steps(optimiser_state: dict) -> set[int]:
+    """The optimiser steps Adam counted, over its parameters."""
+    return {int(s["step"]) for s in optimiser_state["state"].values()}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Path:
+    """A tiny checkpoint trained by two CPU processes (accelerate launch, gloo)."""
+    out = tmp_path_factory.mktemp("um2i-ddp") / "ck"
+    _train(demo_dir, out, "--processes", "2")
+    return out
+
+
+def test_two_processes_train_a_checkpoint_that_makes_pairs(two_processes: Path, demo_dir: Path) -> None:
+    card = read_checkpoint_card(two_processes, expected="um2i")
+    assert card["step"] == 5 and card["processes"] == 2 and card["um_gan"]["step"] == 3
+    state = torch.load(two_processes / STATE, weights_only=False)
+    assert _adam_steps(state["opt_g"]) == {5} and len(state["pseudo"]["indices"]) == 3
+    log = (two_processes / "loss.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3", "4", "5"]  # one row per step, main only
+    assert len((two_processes / "um-gan-loss.csv").read_text().splitlines()) == 4
+    source = SlicUMSource(SlicUMConfig(segments=64))
+    source.fit(open_dataset(demo_dir))
+    gen = UM2IGenerator(UM2IConfig(), name="um2i")
+    gen.load(two_processes)
+    samples = gen.generate(source.conditions([0, 1], [0, 1]), [0, 1])
+    for s in samples:
+        s.check("um2i")
+        assert s.image.shape == (64, 64) and set(np.unique(s.mask)) <= {0, 1}
+    masks = UMGeneratorSource(UMGeneratorConfig(checkpoint=two_processes)).conditions([0, 1], [3, 4])
+    assert masks[0].image.shape == (32, 32) and not np.array_equal(masks[0].image, masks[1].image)
+
+
+def test_two_processes_resume_from_the_saved_step(two_processes: Path, demo_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = Path(shutil.copytree(two_processes, tmp_path / "ck"))
+    before = torch.load(folder / STATE, weights_only=False)
+    # mark the logged steps (last column -1): a run that started over would drop and rewrite them
+    for name in ("loss.csv", "um-gan-loss.csv"):
+        lines = (folder / name).read_text().splitlines()
+        marked = [line.rsplit(",", 1)[0] + ",-1" for line in lines[1:]]
+        (folder / name).write_text("\n".join([lines[0], *marked]) + "\n")
+    _train(demo_dir, folder, "--processes", "2", "--resume", semi_steps=4, vum_steps=5)
+    assert read_checkpoint_card(folder)["step"] == 7
+    after = torch.load(folder / STATE, weights_only=False)
+    assert _adam_steps(after["opt_g"]) == {7}  # the optimiser state went on from step 5
+    assert not torch.equal(before["g"]["image_head.1.weight"], after["g"]["image_head.1.weight"])
+    log = (folder / "loss.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3", "4", "5", "6", "7"]
+    assert all(line.endswith(",-1") for line in log[1:6]) and not log[6].endswith(",-1")
+    gan_log = (folder / "um-gan-loss.csv").read_text().splitlines()
+    assert len(gan_log) == 6 and gan_log[3].endswith(",-1") and not gan_log[4].endswith(",-1")
+    assert json.loads((folder / "um-gan.json").read_text())["step"] == 5
+
+
+def test_gradient_accumulation_in_one_process(demo_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    options = {**TINY, "supervised_steps": 4, "semi_steps": 0, "checkpoint_every": 4, "vum_steps": 4}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    result = runner.invoke(app, ["-q", "train", "um2i", "--data", str(demo_dir), "--out", str(tmp_path / "ck"),
+                                 "--device", "cpu", "--grad-accum", "2", *flags])
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint_card(tmp_path / "ck")["step"] == 4
+    state = torch.load(tmp_path / "ck" / STATE, weights_only=False)
+    gan = torch.load(tmp_path / "ck" / "um-gan.pt", weights_only=False)["training"]
+    # 4 batches, one optimiser step per 2 of them
+    assert _adam_steps(state["opt_g"]) == _adam_steps(state["opt_d"]) == {2}
+    assert max(_adam_steps(gan["opt_g"])) == max(_adam_steps(gan["opt_d"])) == 2 and gan["step"] == 4
+    assert len((tmp_path / "ck" / "loss.csv").read_text().splitlines()) == 5
+
+
+def test_a_resumed_run_trains_what_an_uninterrupted_one_does(demo_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after a checkpoint in each training, resumed twice: the same networks, bit for bit."""
+    from medsynth_core import Context
+    from medsynth_core.training import EXTRAS_KEY, TrainingSettings
+    from medsynth_plugins.um2i import generator as module
+
+    # optimiser steps after batches 2, 3 (stage 1 ends), 4 and 6; saves at 2, 4, 6; the UM GAN saves at 2, 4
+    options = {**TINY, "semi_steps": 3, "vum_steps": 4}
+
+    def fit(out: Path) -> None:
+        context = Context(extras={EXTRAS_KEY: TrainingSettings(grad_accum=2)})
+        UM2IGenerator(UM2IConfig(**options), name="um2i", context=context).fit(open_dataset(demo_dir), out)
+
+    fit(tmp_path / "whole")
+    append = module._append_log
+
+    class Killed(Exception):
+        pass
+
+    def dies_at(name: str, step: int):  # the process dies after logging this step, before saving
+        def log(path: Path, fields: tuple, row: dict) -> None:
+            append(path, fields, row)
+            if path.name == name and row["step"] == step:
+                raise Killed
+
+        return log
+
+    for name, step in (("loss.csv", 5), ("um-gan-loss.csv", 3)):
+        monkeypatch.setattr(module, "_append_log", dies_at(name, step))
+        with pytest.raises(Killed):
+            fit(tmp_path / "killed")
+    monkeypatch.setattr(module, "_append_log", append)
+    fit(tmp_path / "killed")
+    for file, keys in ((STATE, ("g", "d_image", "d_seg")), ("um-gan.pt", ("g_ema",))):
+        whole, resumed = (torch.load(tmp_path / f / file, weights_only=False) for f in ("whole", "killed"))
+        for key in keys:
+            assert all(torch.equal(whole[key][k], resumed[key][k]) for k in whole[key]), (file, key)
+    assert (tmp_path / "whole" / "loss.csv").read_text() == (tmp_path / "killed" / "loss.csv").read_text()
 
 
 # ------------------------------------------------------------------ CT montages

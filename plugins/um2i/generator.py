@@ -42,6 +42,8 @@ from medsynth_core import (
     write_checkpoint_card,
 )
 from medsynth_core.atomic import write_bytes_atomic, write_json_atomic
+from medsynth_core.distributed import current_processes
+from medsynth_core.training import make_accelerator, step_generator
 from medsynth_plugins.common.images import image_batch, mask_batch
 
 from .diversity import diversity_report
@@ -55,6 +57,7 @@ from .networks import (
     lsgan_loss,
     masked_segmentation_loss,
 )
+from .parallel import accumulate, average_buffers, frozen, mean_losses, optimiser_step
 from .stylegan import (
     GanTraining,
     StyleArch,
@@ -200,32 +203,46 @@ class UM2IGenerator(Generator):
         cfg, device = self.config, self.context.device
         data = self._training_data(dataset, workdir)
         arch = self._arch(data)
-        nets = self._networks(arch, device)
+        # one Accelerator for both trainings: --processes, --mixed-precision, --grad-accum
+        acc = make_accelerator(self.context)
+        main = acc.is_main_process  # only the main process writes; every process reads
+        nets = self._networks(arch, device, acc)
         perceptual = load_vgg(cfg.vgg_weights).to(device) if cfg.vgg_weights else None
         kind = perceptual_kind(perceptual)
         self.context.log(f"um2i: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled images "
-                         f"({len(data.hidden)} masks hidden); perceptual loss: {kind}")
+                         f"({len(data.hidden)} masks hidden); perceptual loss: {kind}"
+                         + (f"; {acc.num_processes} processes" if acc.num_processes > 1 else ""))
         state = self._resume(workdir, arch, nets, data)
         total = cfg.supervised_steps + cfg.semi_steps
-        _trim_log(workdir / LOSS_LOG, LOSS_FIELDS, state["step"])
-        extra = self._card_extra(data, kind)
+        if main:
+            _trim_log(workdir / LOSS_LOG, LOSS_FIELDS, state["step"])
+        extra = {**self._card_extra(data, kind), "processes": acc.num_processes}
         with self.context.progress.task("training um2i", total=total) as task:
             task.advance(min(state["step"], total))
             while state["step"] < total:
                 if state["step"] >= cfg.supervised_steps and state["pseudo"] is None and cfg.condition == "um":
-                    state["pseudo"] = self._pseudo_labels(nets, data)
-                losses = self._step(nets, perceptual, data, state, kind)
-                state["step"] += 1
-                _append_log(workdir / LOSS_LOG, LOSS_FIELDS, {"step": state["step"], **losses})
+                    state["pseudo"] = self._pseudo_labels(nets, data)  # every process, from equal networks
+                ends = state["step"] + 1
+                # an optimiser step before every save, stage change and the end, whatever --grad-accum
+                losses = self._step(nets, perceptual, data, state, kind, sync=ends % cfg.checkpoint_every == 0
+                                    or ends in (cfg.supervised_steps, total))
+                state["step"] = ends
+                if main:
+                    _append_log(workdir / LOSS_LOG, LOSS_FIELDS, {"step": state["step"], **losses})
                 task.advance()
                 task.show(loss=f"{losses['g_adv'] + losses['g_seg']:.3f}", stage=losses["stage"])
                 if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total:
-                    self._save(workdir, nets, state, arch, data, extra)
-        if not (workdir / STATE).is_file():  # zero steps asked: still leave a loadable checkpoint
+                    if main:
+                        self._save(workdir, nets, state, arch, data, extra)
+                    acc.wait_for_everyone()
+        if main and not (workdir / STATE).is_file():  # zero steps asked: still leave a loadable checkpoint
             self._save(workdir, nets, state, arch, data, extra)
+        acc.wait_for_everyone()
         if cfg.condition == "um" and cfg.vum_steps > 0:
-            extra["um_gan"] = self._fit_gan(data, workdir)
-            write_checkpoint_card(workdir, self, state["step"], **extra)
+            extra["um_gan"] = self._fit_gan(data, workdir, acc)
+            if main:
+                write_checkpoint_card(workdir, self, state["step"], **extra)
+            acc.wait_for_everyone()
         elif cfg.condition == "mask" and cfg.vum_steps > 0:
             self.context.log("um2i: condition='mask' (M2I) trains no UM GAN")
         return workdir
@@ -269,6 +286,18 @@ class UM2IGenerator(Generator):
 
     def _unsupervised_masks(self, dataset: Dataset, stems: list[str], workdir: Path) -> torch.Tensor:
         """UMs of every real image at its own size (as slic-um makes them), resized to the training size."""
+        procs = current_processes()
+        if not procs.is_main:
+            procs.barrier()  # the main process computes and caches them; the others read the cache
+        try:
+            return self._compute_unsupervised_masks(dataset, stems, workdir, write=procs.is_main)
+        finally:
+            if procs.is_main:
+                procs.barrier()
+
+    def _compute_unsupervised_masks(self, dataset: Dataset, stems: list[str], workdir: Path,
+                                    write: bool) -> torch.Tensor:
+        """The UMs from the cache in ``workdir`` when it matches, else computed (and cached if ``write``)."""
         cfg = self.config
         key = hashlib.sha256(json.dumps([cfg.um_settings(), cfg.size, stems]).encode()).hexdigest()[:16]
         cache = workdir / UM_CACHE
@@ -284,9 +313,10 @@ class UM2IGenerator(Generator):
                 task.advance()
         channels = max(u.shape[0] for u in out)
         levels = np.stack([np.repeat(u, channels // u.shape[0], axis=0) for u in out]).astype(np.float32)
-        buf = io.BytesIO()  # UMs are piecewise constant: they compress to almost nothing
-        np.savez_compressed(buf, ums=levels, key=np.array(key), stems=np.array(stems))
-        write_bytes_atomic(cache, buf.getvalue())
+        if write:
+            buf = io.BytesIO()  # UMs are piecewise constant: they compress to almost nothing
+            np.savez_compressed(buf, ums=levels, key=np.array(key), stems=np.array(stems))
+            write_bytes_atomic(cache, buf.getvalue())
         return torch.from_numpy(levels)
 
     def _arch(self, data: TrainingData) -> NetArch:
@@ -295,8 +325,14 @@ class UM2IGenerator(Generator):
                        classes=len(data.values), ngf=cfg.ngf, down=cfg.down, residual=cfg.residual, ndf=cfg.ndf,
                        d_layers=cfg.d_layers, norm=cfg.norm)
 
-    def _networks(self, arch: NetArch, device: str) -> dict[str, Any]:
+    def _networks(self, arch: NetArch, device: str, acc: Any | None = None) -> dict[str, Any]:
+        """Generator, discriminators and their optimisers (prepared by ``acc``, made from the context if None).
+
+        Every process seeds the same initial weights. The networks stay unwrapped (see
+        ``parallel.py`` for why DDP does not suit this GAN); ``nets["acc"]`` is the accelerator.
+        """
         cfg = self.config
+        acc = make_accelerator(self.context) if acc is None else acc
         torch.manual_seed(cfg.seed)
         nets: dict[str, Any] = {
             "g": MultiTaskGenerator(arch).to(device),
@@ -306,6 +342,9 @@ class UM2IGenerator(Generator):
         nets["opt_g"] = torch.optim.Adam(nets["g"].parameters(), lr=cfg.lr, betas=(0.5, 0.999))
         d_params = [*nets["d_image"].parameters(), *nets["d_seg"].parameters()]
         nets["opt_d"] = torch.optim.Adam(d_params, lr=cfg.lr, betas=(0.5, 0.999))
+        # prepared: steps skipped between accumulation boundaries, fp16 gradients unscaled; we place tensors
+        nets["opt_g"], nets["opt_d"] = acc.prepare(nets["opt_g"], nets["opt_d"], device_placement=[False, False])
+        nets["acc"] = acc
         return nets
 
     def _resume(self, workdir: Path, arch: NetArch, nets: dict[str, Any], data: TrainingData) -> dict[str, Any]:
@@ -327,11 +366,12 @@ class UM2IGenerator(Generator):
 
     def _save(self, workdir: Path, nets: dict[str, Any], state: dict[str, Any], arch: NetArch,
               data: TrainingData, extra: dict[str, Any]) -> None:
+        unwrap = nets["acc"].unwrap_model
         save_torch(workdir / STATE, {
             "step": state["step"], "arch": asdict(arch), "condition": self.config.condition,
             "values": data.values, "hidden": data.hidden, "size": self.config.size, "um": self.config.um_settings(),
-            "pseudo": state["pseudo"], **{k: nets[k].state_dict() for k in ("g", "d_image", "d_seg", "opt_g",
-                                                                             "opt_d")}})
+            "pseudo": state["pseudo"], **{k: unwrap(nets[k]).state_dict() for k in ("g", "d_image", "d_seg")},
+            **{k: nets[k].state_dict() for k in ("opt_g", "opt_d")}})
         write_checkpoint_card(workdir, self, state["step"], **extra)
 
     def _card_extra(self, data: TrainingData, kind: str) -> dict[str, Any]:
@@ -370,54 +410,65 @@ class UM2IGenerator(Generator):
                 "weight": weight.to(device), "labelled": labelled.to(device)}
 
     def _step(self, nets: dict[str, Any], perceptual: VGGPerceptual | None, data: TrainingData,
-              state: dict[str, Any], kind: str) -> dict[str, Any]:
-        cfg = self.config
+              state: dict[str, Any], kind: str, sync: bool = False) -> dict[str, Any]:
+        """One micro-step on this process's batch: both discriminators, then the generator.
+
+        Gradients add up over ``--grad-accum`` micro-steps and are averaged over the processes
+        before each optimiser step (``parallel.py``); ``sync`` forces an optimiser step here.
+        Returns the losses averaged over the processes.
+        """
+        cfg, acc = self.config, nets["acc"]
         step = state["step"]
-        rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # resuming redraws the same batches
-        b = self._batch(data, state, rng)
+        # per step and process: processes draw different batches, a resumed run the same ones
+        b = self._batch(data, state, step_generator(cfg.seed, step, acc.process_index))
         g, d_image, d_seg = nets["g"], nets["d_image"], nets["d_seg"]
         g.train()
         seg_on = cfg.condition == "um"
         cond, real, target, lab = b["cond"], b["image"], b["target"], b["labelled"]
-        fake, logits = g(cond)
+        zero = torch.zeros((), device=cond.device)
+        with accumulate(acc, step, sync):
+            with acc.autocast():
+                fake, logits = g(cond)
+                d_img_loss = 0.5 * (lsgan_loss(d_image(torch.cat([cond, real], 1))[0].float(), True)
+                                    + lsgan_loss(d_image(torch.cat([cond, fake.detach()], 1))[0].float(), False))
+                d_seg_loss = zero
+                classes = logits.shape[1]
+                if seg_on and bool(lab.any()):
+                    onehot = _one_hot(target[lab], classes)
+                    prob = logits[lab].float().softmax(1).detach()
+                    d_seg_loss = 0.5 * (lsgan_loss(d_seg(torch.cat([cond[lab], onehot], 1))[0].float(), True)
+                                        + lsgan_loss(d_seg(torch.cat([cond[lab], prob], 1))[0].float(), False))
+            acc.backward(d_img_loss + d_seg_loss)
+            optimiser_step(acc, nets["opt_d"], [d_image, d_seg])
 
-        d_img_loss = 0.5 * (lsgan_loss(d_image(torch.cat([cond, real], 1))[0], True)
-                            + lsgan_loss(d_image(torch.cat([cond, fake.detach()], 1))[0], False))
-        d_seg_loss = torch.zeros((), device=cond.device)
-        classes = logits.shape[1]
-        if seg_on and bool(lab.any()):
-            onehot = _one_hot(target[lab], classes)
-            prob = logits[lab].softmax(1).detach()
-            d_seg_loss = 0.5 * (lsgan_loss(d_seg(torch.cat([cond[lab], onehot], 1))[0], True)
-                                + lsgan_loss(d_seg(torch.cat([cond[lab], prob], 1))[0], False))
-        nets["opt_d"].zero_grad(set_to_none=True)
-        (d_img_loss + d_seg_loss).backward()
-        nets["opt_d"].step()
-
-        score, fake_feats = d_image(torch.cat([cond, fake], 1))
-        g_adv = lsgan_loss(score, True)
-        if perceptual is not None:
-            g_perc = perceptual(fake, real)
-        else:
-            with torch.no_grad():
-                real_feats = d_image(torch.cat([cond, real], 1))[1]
-            g_perc = feature_matching_loss(fake_feats, real_feats)
-        g_l1 = F.l1_loss(fake, real) if cfg.lambda_l1 > 0 else torch.zeros((), device=cond.device)
-        g_seg = g_seg_adv = torch.zeros((), device=cond.device)
-        if seg_on:
-            g_seg = masked_segmentation_loss(logits, target, b["weight"])
-            if bool(lab.any()):
-                g_seg_adv = lsgan_loss(d_seg(torch.cat([cond[lab], logits[lab].softmax(1)], 1))[0], True)
-        total = (g_adv + cfg.lambda_perceptual * g_perc + cfg.lambda_l1 * g_l1 + cfg.lambda_seg * g_seg
-                 + cfg.lambda_seg_adv * g_seg_adv)
-        nets["opt_g"].zero_grad(set_to_none=True)
-        total.backward()
-        nets["opt_g"].step()
+            # the discriminators take no gradient from the generator's loss (it would add up under --grad-accum)
+            with frozen([d_image, d_seg]), acc.autocast():
+                score, fake_feats = d_image(torch.cat([cond, fake], 1))
+                g_adv = lsgan_loss(score.float(), True)
+                if perceptual is not None:
+                    g_perc = perceptual(fake, real).float()
+                else:
+                    with torch.no_grad():
+                        real_feats = d_image(torch.cat([cond, real], 1))[1]
+                    g_perc = feature_matching_loss(fake_feats, real_feats).float()
+                g_l1 = F.l1_loss(fake.float(), real) if cfg.lambda_l1 > 0 else zero
+                g_seg = g_seg_adv = zero
+                if seg_on:
+                    g_seg = masked_segmentation_loss(logits.float(), target, b["weight"])
+                    if bool(lab.any()):
+                        g_seg_adv = lsgan_loss(d_seg(torch.cat([cond[lab], logits[lab].float().softmax(1)], 1))[0]
+                                               .float(), True)
+                total = (g_adv + cfg.lambda_perceptual * g_perc + cfg.lambda_l1 * g_l1 + cfg.lambda_seg * g_seg
+                         + cfg.lambda_seg_adv * g_seg_adv)
+            acc.backward(total)
+            optimiser_step(acc, nets["opt_g"], [g])
+        average_buffers(acc, [g, d_image, d_seg])  # batch-norm statistics of every process's batch
         stage = 1 if step < cfg.supervised_steps or not seg_on else 2  # M2I has no semi-supervised stage
         trusted = float(b["weight"][~lab].mean()) if bool((~lab).any()) else 1.0
-        return {"stage": stage, "d_image": d_img_loss.item(), "d_seg": d_seg_loss.item(), "g_adv": g_adv.item(),
-                "perceptual": kind, "g_perceptual": g_perc.item(), "g_l1": g_l1.item(), "g_seg": g_seg.item(),
-                "g_seg_adv": g_seg_adv.item(), "trusted": round(trusted, 4)}
+        return mean_losses(acc, {
+            "stage": stage, "d_image": d_img_loss.item(), "d_seg": d_seg_loss.item(), "g_adv": g_adv.item(),
+            "perceptual": kind, "g_perceptual": g_perc.item(), "g_l1": g_l1.item(), "g_seg": g_seg.item(),
+            "g_seg_adv": g_seg_adv.item(), "trusted": trusted})
 
     @torch.no_grad()
     def _pseudo_labels(self, nets: dict[str, Any], data: TrainingData) -> dict[str, Any]:
@@ -442,8 +493,10 @@ class UM2IGenerator(Generator):
                          f"{float(trusted_t.float().mean()):.0%} of their pixels trusted")
         return {"indices": list(data.unlabelled), "labels": torch.cat(labels), "trusted": trusted_t}
 
-    def _fit_gan(self, data: TrainingData, workdir: Path) -> dict[str, Any]:
+    def _fit_gan(self, data: TrainingData, workdir: Path, acc: Any) -> dict[str, Any]:
+        """Train the UM GAN (V2UM) on the UMs, data-parallel through ``acc``; its variety report (main process)."""
         cfg, device = self.config, self.context.device
+        main = acc.is_main_process
         arch = StyleArch(size=cfg.size, channels=data.ums.shape[1], latent=cfg.vum_latent,
                          mapping_layers=cfg.vum_mapping_layers, base_channels=cfg.vum_channels,
                          max_channels=cfg.vum_max_channels)
@@ -458,23 +511,33 @@ class UM2IGenerator(Generator):
             state = load_gan_state(saved["training"], settings, device)
         else:
             state = new_gan_state(arch, settings, device)
+        state["opt_g"], state["opt_d"] = acc.prepare(state["opt_g"], state["opt_d"], device_placement=[False, False])
         reals = (data.ums * 2 - 1).to(device)
-        _trim_log(workdir / GAN_LOG, GAN_FIELDS, state["step"])
+        if main:
+            _trim_log(workdir / GAN_LOG, GAN_FIELDS, state["step"])
+        acc.wait_for_everyone()  # everyone has read the state before the main process writes it again
 
         def save() -> None:
-            save_torch(path, {"arch": asdict(arch), "gap": cfg.um_gap, "training": gan_state_dict(state),
-                              "g_ema": state["g_ema"].state_dict()})
+            if main:
+                save_torch(path, {"arch": asdict(arch), "gap": cfg.um_gap, "training": gan_state_dict(state),
+                                  "g_ema": acc.unwrap_model(state["g_ema"]).state_dict()})
+            acc.wait_for_everyone()
 
         with self.context.progress.task("training UM GAN", total=cfg.vum_steps) as task:
             task.advance(min(state["step"], cfg.vum_steps))
             while state["step"] < cfg.vum_steps:
-                losses = gan_step(state, reals, settings)
-                _append_log(workdir / GAN_LOG, GAN_FIELDS, {"step": state["step"], **losses})
+                ends = state["step"] + 1
+                losses = mean_losses(acc, gan_step(state, reals, settings, acc, sync=ends % cfg.checkpoint_every == 0
+                                                   or ends == cfg.vum_steps))
+                if main:
+                    _append_log(workdir / GAN_LOG, GAN_FIELDS, {"step": state["step"], **losses})
                 task.advance()
                 task.show(d=f"{losses['d']:.3f}", g=f"{losses['g']:.3f}", px=4 * 2 ** losses["level"])
                 if state["step"] % cfg.checkpoint_every == 0:
                     save()
         save()
+        if not main:
+            return {}  # the variety report goes into the card, which the main process writes
         n = min(64, max(8, len(data.ums)))
         generated = (sample_masks(state["g_ema"], list(range(n)), psi=1.0, device=device).cpu() + 1) / 2
         generated = torch.from_numpy(snap_to_levels(generated.numpy(), cfg.um_gap))

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .parallel import accumulate, autocast, average_buffers, backward, frozen, optimiser_step, sync_gradients
+
 R1_EVERY = 8
 
 
@@ -281,12 +283,22 @@ def new_gan_state(arch: StyleArch, settings: GanTraining, device: str) -> dict[s
             "opt_d": torch.optim.Adam(d.parameters(), lr=settings.lr, betas=(0.0, 0.99))}
 
 
-def gan_step(state: dict[str, Any], reals: torch.Tensor, settings: GanTraining) -> dict[str, float]:
-    """One discriminator and one generator update on a batch drawn from ``reals`` (N x C x S x S in [-1, 1])."""
+def gan_step(state: dict[str, Any], reals: torch.Tensor, settings: GanTraining, acc: Any | None = None,
+             sync: bool = False) -> dict[str, float]:
+    """One discriminator and one generator update on a batch drawn from ``reals`` (N x C x S x S in [-1, 1]).
+
+    ``acc`` (an accelerate Accelerator; None for plain torch) runs it data-parallel with mixed
+    precision and gradient accumulation (see ``parallel.py``); ``sync`` forces an optimiser step
+    even between accumulation boundaries. Each process draws its batch, latents, noise and
+    augmentation from ``step_generator(seed, step, rank)``: processes differ, and a resumed run
+    draws what an uninterrupted one would.
+    """
+    from medsynth_core.training import step_generator
+
     g, d, g_ema = state["g"], state["d"], state["g_ema"]
     step, arch = state["step"], g.arch
     device = reals.device
-    rng = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)  # resuming redraws the same batches
+    rng = step_generator(settings.seed, step, 0 if acc is None else acc.process_index)
     level, alpha = schedule(step, settings.steps, arch.levels, settings.progressive)
     pick = torch.randint(len(reals), (min(settings.batch_size, len(reals)),), generator=rng)
     real = reals[pick.to(device)]
@@ -297,36 +309,39 @@ def gan_step(state: dict[str, Any], reals: torch.Tensor, settings: GanTraining) 
         real = alpha * real + (1 - alpha) * _up(F.avg_pool2d(real, 2))
     z = torch.randn(len(pick), arch.latent, generator=rng).to(device)
 
-    def aug(x: torch.Tensor, seed_offset: int) -> torch.Tensor:
-        if not settings.augment:
-            return x
-        return augment_pair(x, torch.Generator().manual_seed(settings.seed * 7919 + step * 4 + seed_offset))
+    def aug(x: torch.Tensor) -> torch.Tensor:
+        return augment_pair(x, rng) if settings.augment else x
 
-    torch.manual_seed(settings.seed * 31 + step)  # layer noise during training
-    fake = g(z, level=level, alpha=alpha)
-    d_loss = F.softplus(d(aug(fake.detach(), 0), level=level, alpha=alpha)).mean() + \
-        F.softplus(-d(aug(real, 1), level=level, alpha=alpha)).mean()
-    r1 = torch.zeros((), device=device)
-    if settings.r1 > 0 and step % R1_EVERY == 0:  # lazy R1 (StyleGAN2), scaled by its interval
-        real_r = real.detach().requires_grad_(True)
-        score = d(real_r, level=level, alpha=alpha).sum()
-        (grad,) = torch.autograd.grad(score, real_r, create_graph=True)
-        r1 = settings.r1 / 2 * grad.pow(2).sum(dim=(1, 2, 3)).mean() * R1_EVERY
-    state["opt_d"].zero_grad(set_to_none=True)
-    (d_loss + r1).backward()
-    state["opt_d"].step()
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=rng)))  # layer noise during training
+    with accumulate(acc, step, sync):
+        with autocast(acc):
+            fake = g(z, level=level, alpha=alpha)
+            d_loss = F.softplus(d(aug(fake.detach()), level=level, alpha=alpha)).float().mean() + \
+                F.softplus(-d(aug(real), level=level, alpha=alpha)).float().mean()
+        r1 = torch.zeros((), device=device)
+        if settings.r1 > 0 and step % R1_EVERY == 0:  # lazy R1 (StyleGAN2), scaled by its interval
+            # in full precision: a gradient of a half-precision score underflows
+            real_r = real.detach().requires_grad_(True)
+            score = d(real_r, level=level, alpha=alpha).sum()
+            (grad,) = torch.autograd.grad(score, real_r, create_graph=True)
+            r1 = settings.r1 / 2 * grad.pow(2).sum(dim=(1, 2, 3)).mean() * R1_EVERY
+        backward(acc, d_loss + r1)
+        optimiser_step(acc, state["opt_d"], [d])
 
-    fake = g(z, level=level, alpha=alpha)
-    g_loss = F.softplus(-d(aug(fake, 2), level=level, alpha=alpha)).mean()
-    state["opt_g"].zero_grad(set_to_none=True)
-    g_loss.backward()
-    state["opt_g"].step()
+        with frozen([d]), autocast(acc):  # the discriminator takes no gradient from the generator's loss
+            fake = g(z, level=level, alpha=alpha)
+            g_loss = F.softplus(-d(aug(fake), level=level, alpha=alpha)).float().mean()
+        backward(acc, g_loss)
+        optimiser_step(acc, state["opt_g"], [g])
+        synced = sync_gradients(acc)
 
     with torch.no_grad():
-        g.w_avg.lerp_(g.mapping(z).mean(dim=0), 0.005)
-        beta = 0.5 ** (1.0 / max(10.0, settings.steps / 20))  # EMA half-life: a twentieth of training
-        for p_ema, p in zip(g_ema.parameters(), g.parameters()):
-            p_ema.lerp_(p, 1 - beta)
+        g.w_avg.lerp_(g.mapping(z).mean(dim=0).float(), 0.005)
+        average_buffers(acc, [g])  # the mean of w, over every process's latents
+        if synced:  # the EMA follows the optimiser steps
+            beta = 0.5 ** (1.0 / max(10.0, settings.steps / 20))  # EMA half-life: a twentieth of training
+            for p_ema, p in zip(g_ema.parameters(), g.parameters()):
+                p_ema.lerp_(p, 1 - beta)
         g_ema.w_avg.copy_(g.w_avg)
     state["step"] = step + 1
     return {"d": d_loss.item(), "g": g_loss.item(), "r1": r1.item(), "level": level, "alpha": alpha}
