@@ -98,7 +98,7 @@ def run(
         check_run_folder(built, resume)  # bad input: one line here, before any process starts
         if real is not None and built.needs_data:
             real.validate(context.progress)
-        relaunch(processes)
+        relaunch(processes, spec.run.device)
     result = run_pipeline(built, resume=resume, real=real)
     if not current_processes().is_main:
         return
@@ -146,7 +146,7 @@ def train(
     context = make_context(device)
     dataset.validate(context.progress)
     if processes != 1 and not launched():
-        relaunch(processes)
+        relaunch(processes, device)
     context.extras[TRAINING] = training
     component = registry.create("generator", generator, options, context=context)
     checkpoint = component.fit(dataset, out)

@@ -21,15 +21,20 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def relaunch(processes: int, mixed_precision: str = "no") -> None:
-    """Run this command line again as ``processes`` processes; exit with their status."""
+def relaunch(processes: int, device: str = "auto") -> None:
+    """Run this command line again as ``processes`` processes; exit with their status.
+
+    ``device`` ``cpu`` hides the GPUs from the processes, so they talk over gloo, not NCCL.
+    """
     if processes < 1:
         raise ConfigError(f"--processes must be at least 1, not {processes}")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(processes), "--num_machines", "1",
-           "--main_process_port", str(_free_port()), "--mixed_precision", mixed_precision,
+           "--main_process_port", str(_free_port()), "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "medsynth_cli", *_without_processes(sys.argv[1:])]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     status = subprocess.call(cmd, env=env)
     raise typer.Exit(0 if status == 0 else 2)
 

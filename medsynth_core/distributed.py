@@ -68,7 +68,10 @@ _current: Processes | None = None
 
 
 def current_processes() -> Processes:
-    """The group this process was launched in (a group of one unless ``WORLD_SIZE > 1``)."""
+    """The group this process was launched in (a group of one unless ``WORLD_SIZE > 1``).
+
+    GPUs are used when visible, unless ``accelerate launch --cpu`` (``ACCELERATE_USE_CPU``) says not.
+    """
     global _current
     if _current is None:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -77,7 +80,8 @@ def current_processes() -> Processes:
             import torch
             from accelerate import PartialState
 
-            state = PartialState(cpu=not torch.cuda.is_available())
+            forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+            state = PartialState(cpu=forced or not torch.cuda.is_available())
             _current = Processes(rank=state.process_index, world=state.num_processes,
                                  local_rank=state.local_process_index, _state=state)
     return _current
