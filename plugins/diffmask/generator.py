@@ -141,6 +141,11 @@ class SDAttentionGenerator(Generator):
     trainable = True
     requires: frozenset[str] = frozenset()
     makes = frozenset({"soft_mask"})
+    recipe = {  # CPU-sized DiffMask: small base + grounding, attention masks thresholded then CRF-refined
+        "train": {"base_steps": 200, "grounding_steps": 200},
+        "generator": {"sampling_steps": 20},
+        "refiners": [{"name": "adaptive-threshold"}, {"name": "densecrf"}],
+    }
 
     def fit(self, dataset: Dataset, workdir: Path) -> Path:
         from .training import train

@@ -189,6 +189,10 @@ class UM2IGenerator(Generator):
     trainable = True
     requires = frozenset({"image"})
     makes = frozenset({"mask", "soft_mask"})
+    recipe = {  # CPU-sized V2UM2I: unsupervised masks from the UM GAN, images and segmentations from them
+        "train": {"vum_steps": 800},
+        "mask_source": {"name": "um-generator", "checkpoint": "{checkpoint}"},
+    }
 
     def __init__(self, config: UM2IConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
