@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from medsynth_core import (
     Sample,
     build_pipeline,
     default_registry,
+    load_torch,
     make_plugin_manager,
     open_dataset,
     parse_pipeline,
@@ -286,3 +291,91 @@ def test_train_then_run_makes_filtered_pairs_and_a_report(checkpoint: Path, demo
     records = [json.loads(line) for line in (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()]
     assert sum(r["kept"] for r in records) == 3 and all("dice-filter" in r["scores"] for r in records)
     assert (tmp_path / "run" / "report.md").is_file()
+
+
+# ---- training through accelerate: two CPU processes (gloo), resume, gradient accumulation -----------------------
+def train_processes(demo: Path, out: Path, steps: int, *extra: str) -> None:
+    """``medsynth train diffuseexpand`` as two processes under accelerate launch (gloo on the CPU)."""
+    flags = [str(x) for key, value in TINY.items() for x in (f"--{key}", value)]
+    cmd = [sys.executable, "-m", "medsynth_cli", "-q", "train", "diffuseexpand", "--data", str(demo), "--out", str(out),
+           "--processes", "2", "--device", "cpu", "--steps", str(steps), *flags, *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def denoiser_weights(ck: Path) -> dict[str, torch.Tensor]:
+    card = read_checkpoint_card(ck, expected="diffuseexpand")
+    return UNet2DModel.from_pretrained(ck / card["latest"] / "denoiser").state_dict()
+
+
+def updates(ck: Path) -> dict[str, int]:
+    """How many Adam updates each network's saved optimiser state has seen."""
+    state = load_torch(ck / read_checkpoint_card(ck)["latest"] / "training.pt")
+    return {key: int(state[key]["state"][0]["step"]) for key in ("opt_denoiser", "opt_segmenter")}
+
+
+def logged(ck: Path) -> list[dict[str, str]]:
+    with (ck / "loss.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def two_process_checkpoint(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("diffuseexpand-parallel") / "ck"
+    train_processes(demo_dir, out, 2)
+    return out
+
+
+def test_two_processes_train_on_their_own_batches_and_the_checkpoint_samples(
+        two_process_checkpoint: Path, demo_dir: Path, tmp_path: Path) -> None:
+    ck = two_process_checkpoint
+    card = read_checkpoint_card(ck, expected="diffuseexpand")
+    assert card["step"] == 2 and card["latest"] == "step-000002"
+    assert [int(r["step"]) for r in logged(ck)] == [1, 2]  # written once, by the main process
+    assert updates(ck) == {"opt_denoiser": 2, "opt_segmenter": 2}
+    # one process draws the batches of rank 0 only; two average them with rank 1's, so the weights differ
+    assert train(demo_dir, tmp_path / "one", 2).exit_code == 0
+    ours, single = denoiser_weights(ck), denoiser_weights(tmp_path / "one")
+    assert max(float((ours[k] - single[k]).abs().max()) for k in ours) > 1e-5
+
+    gen = DiffuseExpandGenerator(DiffuseExpandConfig(solver_steps=3), name="diffuseexpand")
+    gen.load(ck)
+    mask = open_dataset(demo_dir)[0].mask
+    for s in gen.generate([Condition(mask=mask)] * 2, [1, 2]):
+        Sample(image=s.image, mask=mask).check("diffuseexpand")
+        assert s.image.shape == mask.shape and 0.0 <= s.image.min() <= s.image.max() <= 1.0
+    source = DiffuseExpandMaskSource(DiffuseExpandMasksConfig(checkpoint=str(ck), solver_steps=3))
+    masks = [c.mask for c in source.conditions([0, 1], [sample_seed(0, 0), sample_seed(0, 1)])]
+    assert all(m.shape == (32, 32) and set(np.unique(m)) <= {0, 1} for m in masks)
+
+
+def test_two_process_resume_continues_from_the_saved_step(two_process_checkpoint: Path, demo_dir: Path,
+                                                          tmp_path: Path) -> None:
+    ck = Path(shutil.copytree(two_process_checkpoint, tmp_path / "ck"))
+    before_rows, before = logged(ck), denoiser_weights(ck)
+    train_processes(demo_dir, ck, 3, "--resume")
+    card = read_checkpoint_card(ck, expected="diffuseexpand")
+    assert card["step"] == 3 and card["latest"] == "step-000003"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step-000003"]
+    rows = logged(ck)
+    assert rows[:2] == before_rows and [int(r["step"]) for r in rows] == [1, 2, 3]  # steps 1-2 are not redone
+    assert updates(ck) == {"opt_denoiser": 3, "opt_segmenter": 3}
+    after = denoiser_weights(ck)
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+def test_gradient_accumulation_averages_batches_and_resumes_exactly(demo_dir: Path, tmp_path: Path) -> None:
+    for name, steps, accum, extra in (("accum1", 2, 1, ()), ("accum2", 2, 2, ()), ("stopped", 1, 2, ()),
+                                      ("stopped", 2, 2, ("--resume",))):
+        result = train(demo_dir, tmp_path / name, steps, "--grad-accum", accum, *extra)
+        assert result.exit_code == 0, result.output
+    ck = tmp_path / "accum2"
+    assert read_checkpoint_card(ck)["step"] == 2
+    assert updates(ck) == {"opt_denoiser": 2, "opt_segmenter": 2}  # two steps of two batches: two updates each
+    initial = tiny_bundle().denoiser.state_dict()  # the same seed and widths as a fresh training
+    ours, plain = denoiser_weights(ck), denoiser_weights(tmp_path / "accum1")
+    assert any(not torch.equal(initial[k], ours[k]) for k in ours)
+    # the second batch of each step counts: the updates differ from those of the first batch alone
+    assert max(float((ours[k] - plain[k]).abs().max()) for k in plain) > 1e-5
+    resumed = denoiser_weights(tmp_path / "stopped")
+    assert all(torch.equal(resumed[k], ours[k]) for k in ours)  # bit for bit the uninterrupted training

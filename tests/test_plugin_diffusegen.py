@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ from medsynth_core import (
     PipelineError,
     Registry,
     Sample,
+    load_torch,
     make_plugin_manager,
     open_dataset,
     read_checkpoint_card,
@@ -337,3 +342,105 @@ def test_clustering_with_inception_weights(demo_dir: Path) -> None:
     found = cluster_pairs([s.meta["stem"] for s in pairs], [s.image for s in pairs], [s.mask for s in pairs], k=3)
     assert found.extractor == "inception" and sum(found.sizes()) == len(pairs)
     assert found.predict([pairs[0].image], [pairs[0].mask]) == [found.assignments[pairs[0].meta["stem"]]]
+
+
+# ---- training through accelerate: two CPU processes (gloo), resume, gradient accumulation -----------------------
+PARALLEL_FLAGS = ["--size", "32", "--block-out-channels", "8,16", "--layers-per-block", "1", "--attention-resolutions",
+                  "", "--attention-head-dim", "8", "--norm-num-groups", "4", "--batch-size", "2", "--save-every", "1",
+                  "--clusters", "2", "--min-cluster-size", "4", "--features", "random-cnn"]
+MODELS = ("cluster-00", "cluster-01")
+
+
+def _train_processes(demo: Path, out: Path, steps: int, *extra: str) -> None:
+    """``medsynth train ddpm4`` as two processes under accelerate launch (gloo on the CPU)."""
+    cmd = [sys.executable, "-m", "medsynth_cli", "-q", "train", "ddpm4", "--data", str(demo), "--out", str(out),
+           "--processes", "2", "--device", "cpu", "--steps", str(steps), *PARALLEL_FLAGS, *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _weights(ck: Path, model: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(ck / "models" / model / "diffusion_pytorch_model.safetensors")
+
+
+def _updates(ck: Path, model: str) -> int:
+    """How many AdamW updates the model's saved optimiser state has seen."""
+    return int(load_torch(ck / "models" / model / "train_state.pt")["optimizer"]["state"][0]["step"])
+
+
+def _loss_rows(ck: Path) -> list[tuple[str, int]]:
+    return [(r["model"], int(r["step"])) for r in csv.DictReader((ck / "loss.csv").open())]
+
+
+@pytest.fixture(scope="module")
+def two_process_ddpm4(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddpm4-parallel") / "ck"
+    _train_processes(demo_dir, out, 2)
+    return out
+
+
+def test_two_processes_train_ddpm4_on_their_own_batches_and_the_checkpoint_samples(
+        two_process_ddpm4: Path, demo_dir: Path, tmp_path: Path) -> None:
+    ck = two_process_ddpm4
+    card = read_checkpoint_card(ck, expected="ddpm4")
+    assert card["complete"] and card["clustering"]["k"] == 2
+    assert {name: m["step"] for name, m in card["models"].items()} == dict.fromkeys(MODELS, 2)
+    assert card["step"] == 4  # the steps of both cluster models
+    assert _loss_rows(ck) == [(m, s) for m in MODELS for s in (1, 2)]  # written once, by the main process
+    assert all(_updates(ck, m) == 2 for m in MODELS)
+    # one process draws the batches of rank 0 only; two average them with rank 1's, so the weights differ
+    alone = CliRunner().invoke(app, ["-q", "train", "ddpm4", "--data", str(demo_dir), "--out", str(tmp_path / "one"),
+                                     "--device", "cpu", "--steps", "2", *PARALLEL_FLAGS])
+    assert alone.exit_code == 0, alone.output
+    ours, single = _weights(ck, "cluster-00"), _weights(tmp_path / "one", "cluster-00")
+    assert max(float((ours[k] - single[k]).abs().max()) for k in ours) > 1e-5
+
+    gen = DDPM4Generator(DDPM4Config(inference_steps=4), name="ddpm4")
+    gen.load(ck)
+    pairs = gen.generate([Condition(), Condition()], [sample_seed(0, 0), sample_seed(0, 1)])
+    for s in pairs:
+        s.check("ddpm4")
+        assert s.image.shape == (32, 32) and s.soft_mask.shape == (32, 32) and np.isfinite(s.image).all()
+
+
+def test_two_process_resume_continues_from_the_saved_step(two_process_ddpm4: Path, demo_dir: Path,
+                                                          tmp_path: Path) -> None:
+    ck = Path(shutil.copytree(two_process_ddpm4, tmp_path / "ck"))
+    before = _weights(ck, "cluster-01")
+    _train_processes(demo_dir, ck, 3, "--resume")
+    card = read_checkpoint_card(ck, expected="ddpm4")
+    assert card["step"] == 6 and card["complete"]
+    assert {name: m["step"] for name, m in card["models"].items()} == dict.fromkeys(MODELS, 3)
+    # steps 1-2 of each model are not trained again: one more row each, one more optimiser update each
+    assert _loss_rows(ck) == [*((m, s) for m in MODELS for s in (1, 2)), *((m, 3) for m in MODELS)]
+    assert all(_updates(ck, m) == 3 for m in MODELS)
+    after = _weights(ck, "cluster-01")
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+def test_gradient_accumulation_averages_batches_and_resumes_exactly(demo_dir: Path, tmp_path: Path) -> None:
+    def train(out: str, steps: int, accum: int, *extra: str) -> Path:
+        result = CliRunner().invoke(app, ["-q", "train", "ddpm4", "--data", str(demo_dir), "--out", str(tmp_path / out),
+                                          "--device", "cpu", "--steps", str(steps), "--per-cluster", "false",
+                                          "--grad-accum", str(accum), *PARALLEL_FLAGS, *extra])
+        assert result.exit_code == 0, result.output
+        return tmp_path / out
+
+    plain, accumulated = train("accum1", 2, 1), train("accum2", 2, 2)
+    assert read_checkpoint_card(accumulated, expected="ddpm4")["step"] == 2
+    assert _updates(accumulated, "all") == 2  # two steps of two batches each: two optimiser updates, not four
+    torch.manual_seed(0)  # the initial weights of model 0 for seed 0 (seed * 1009 + index)
+    initial = build_unet(size=32, planes=2, learn_sigma=True, block_out_channels=(8, 16), layers_per_block=1,
+                         attention_resolutions=(), attention_head_dim=8, norm_num_groups=4, resblock_updown=True,
+                         dropout=0.0).state_dict()
+    ours, theirs = _weights(accumulated, "all"), _weights(plain, "all")
+    assert any(not torch.equal(initial[k], ours[k]) for k in ours)
+    # the second batch of each step counts: the updates differ from those of the first batch alone
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) > 1e-5
+    stopped = train("stopped", 1, 2)
+    train("stopped", 2, 2, "--resume")
+    resumed = _weights(stopped, "all")
+    assert all(torch.equal(resumed[k], ours[k]) for k in ours)  # bit for bit the uninterrupted training

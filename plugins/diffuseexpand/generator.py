@@ -26,6 +26,8 @@ from medsynth_core import (
     write_checkpoint_card,
 )
 from medsynth_core.atomic import write_bytes_atomic
+from medsynth_core.distributed import current_processes
+from medsynth_core.training import make_accelerator
 
 from . import store
 from .networks import NoisySegmenter, adapt_pretrained, build_denoiser, encode_masks
@@ -103,35 +105,47 @@ class DiffuseExpandGenerator(Generator):
         workdir.mkdir(parents=True, exist_ok=True)
         data = training_set(dataset, cfg.size)
         card = self._resume_card(workdir, data.values, data.channels)
+        main = current_processes().is_main  # only the main process touches the folder
         if card is None:
-            store.tidy(workdir, keep=None)
-            (workdir / store.LOSS_LOG).unlink(missing_ok=True)  # rows of a run that never reached a checkpoint
+            if main:
+                store.tidy(workdir, keep=None)
+                (workdir / store.LOSS_LOG).unlink(missing_ok=True)  # rows of a run that never reached a checkpoint
             denoiser, segmenter, scheduler = self._fresh_networks(data.channels, data.classes)
             step, training = 0, None
         else:
+            step = int(card["step"])
+            if main:
+                store.tidy(workdir, keep=card["latest"])
+                _truncate_log(workdir / store.LOSS_LOG, step)
+            if step >= cfg.steps:
+                self.context.log(f"{workdir}: already trained for {step} of {cfg.steps} steps")
+                return workdir
             step_dir = workdir / card["latest"]
             denoiser, segmenter, scheduler = store.load_networks(step_dir)
-            step, training = int(card["step"]), store.load_training(step_dir)
-            store.tidy(workdir, keep=card["latest"])
-            _truncate_log(workdir / store.LOSS_LOG, step)
+            training = store.load_training(step_dir)
+        accelerator = make_accelerator(self.context)
         trainer = Trainer(denoiser, segmenter, scheduler, data, lr=cfg.lr, batch_size=cfg.batch_size,
-                          cond_drop=cfg.cond_drop, device=self.context.device, seed=cfg.seed)
+                          cond_drop=cfg.cond_drop, device=self.context.device, seed=cfg.seed,
+                          accelerator=accelerator, start=step)
         if training is not None:
             trainer.restore(training)
-        if card is not None and step >= cfg.steps:
-            self.context.log(f"{workdir}: already trained for {step} of {cfg.steps} steps")
-            return workdir
         rows: list[tuple] = []
         with self.context.progress.task("training diffuseexpand (denoiser + segmenter)", total=cfg.steps) as task:
             task.advance(step)
             while step < cfg.steps:
                 losses = trainer.step()
                 step += 1
-                rows.append((step, losses.diffusion, losses.segmentation, losses.type))
+                rows.append((losses.diffusion, losses.segmentation, losses.type))
                 task.advance()
                 task.show(loss=f"{losses.diffusion:.4f}", seg=f"{losses.segmentation + losses.type:.3f}")
                 if step % cfg.save_every == 0 or step == cfg.steps:
-                    self._save(workdir, step, trainer, data, rows)
+                    # the logged losses are the means over the processes
+                    means = accelerator.reduce(torch.tensor(rows, dtype=torch.float32, device=accelerator.device),
+                                               reduction="mean").cpu().tolist()
+                    if accelerator.is_main_process:
+                        first = step - len(rows) + 1
+                        self._save(workdir, step, trainer, data, [(first + i, *m) for i, m in enumerate(means)])
+                    accelerator.wait_for_everyone()
                     rows = []
         return workdir
 
@@ -170,7 +184,7 @@ class DiffuseExpandGenerator(Generator):
         return card
 
     def _save(self, workdir: Path, step: int, trainer: Trainer, data, rows: list[tuple]) -> None:
-        name = store.save_step(workdir, step, trainer.denoiser, trainer.segmenter, trainer.scheduler, trainer.state())
+        name = store.save_step(workdir, step, *trainer.networks(), trainer.scheduler, trainer.state())
         write_checkpoint_card(workdir, self, step, latest=name, values=data.values, channels=data.channels,
                               size=self.config.size)
         _append_log(workdir / store.LOSS_LOG, rows)

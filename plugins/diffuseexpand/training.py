@@ -8,6 +8,9 @@ input x_t is the image (y1 = 1) or its mask (y1 = 0) at a uniform timestep.
   also predicts unconditionally (classifier-free guidance); for masks the condition is empty.
 - Segmenter: for images, Dice + BCE of its mask prediction against the mask; for both, BCE of
   its image-or-mask head against y1.
+
+Training goes through accelerate: with several processes each draws its own batches and the
+gradients are averaged; a step is one update of each network, over ``grad_accum`` batches.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from medsynth_core import ConfigError, Dataset
+from medsynth_core import ConfigError, Context, Dataset
+from medsynth_core.training import make_accelerator, step_generator
 from medsynth_plugins.common.images import image_batch, mask_batch
 
 from .networks import NoisySegmenter, encode_masks, segmentation_loss
@@ -68,43 +72,64 @@ class StepLosses:
 
 
 class Trainer:
-    """Updates the denoiser and the segmenter, one batch at a time, from a seeded CPU generator."""
+    """Updates the denoiser and the segmenter, one batch at a time, through an accelerate ``Accelerator``.
+
+    The batches of step ``k`` come from the CPU generator of (seed, k, process): processes see
+    different batches, a run is the same on any device, and a resumed run (``start``) draws what
+    an uninterrupted one would. ``denoiser`` and ``segmenter`` stay the plain modules (what is
+    saved); the training runs through their prepared (possibly data-parallel) wrappers. Without an
+    ``accelerator``, one for ``device`` in a single process is made.
+    """
 
     def __init__(self, denoiser: torch.nn.Module, segmenter: NoisySegmenter, scheduler: DDPMScheduler,
                  data: TrainingSet, *, lr: float, batch_size: int, cond_drop: float, device: str,
-                 seed: int) -> None:
+                 seed: int, accelerator=None, start: int = 0) -> None:
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(Context(device=device))
+        acc = self.accelerator
         self.denoiser, self.segmenter, self.scheduler, self.data = denoiser, segmenter, scheduler, data
-        self.batch_size, self.cond_drop, self.device = batch_size, cond_drop, device
-        self.denoiser.to(device).train()
-        self.segmenter.to(device).train()
-        self.opt_denoiser = torch.optim.Adam(self.denoiser.parameters(), lr=lr)
-        self.opt_segmenter = torch.optim.Adam(self.segmenter.parameters(), lr=lr)
-        self.rng = torch.Generator().manual_seed(seed)
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+        self.batch_size, self.cond_drop, self.seed, self.done = batch_size, cond_drop, seed, start
+        self.denoiser.to(acc.device).train()
+        self.segmenter.to(acc.device).train()
+        (self._denoiser, self._segmenter, self.opt_denoiser, self.opt_segmenter) = acc.prepare(
+            denoiser, segmenter, torch.optim.Adam(denoiser.parameters(), lr=lr),
+            torch.optim.Adam(segmenter.parameters(), lr=lr))
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(acc.device)
+
+    def networks(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The denoiser and the segmenter without their accelerate wrappers, to save."""
+        return self.accelerator.unwrap_model(self._denoiser), self.accelerator.unwrap_model(self._segmenter)
 
     def state(self) -> dict:
-        return {"opt_denoiser": self.opt_denoiser.state_dict(), "opt_segmenter": self.opt_segmenter.state_dict(),
-                "rng": self.rng.get_state()}
+        return {"opt_denoiser": self.opt_denoiser.state_dict(), "opt_segmenter": self.opt_segmenter.state_dict()}
 
     def restore(self, state: dict) -> None:
+        """Load the optimiser states of a checkpoint (an older one's random state is not needed)."""
         for optimiser, key in ((self.opt_denoiser, "opt_denoiser"), (self.opt_segmenter, "opt_segmenter")):
             lr = optimiser.param_groups[0]["lr"]
             optimiser.load_state_dict(state[key])
             for group in optimiser.param_groups:  # the saved state carries the old rate; the caller's wins
                 group["lr"] = lr
-        self.rng.set_state(state["rng"])
 
     def step(self) -> StepLosses:
-        """One update of both networks on a fresh random batch."""
+        """One update of both networks, on ``grad_accum`` fresh random batches of this process."""
+        acc = self.accelerator
+        rng = step_generator(self.seed, self.done, acc.process_index)
+        totals = np.zeros(3)
+        for _ in range(acc.gradient_accumulation_steps):
+            totals += self._batch_step(rng)
+        self.done += 1
+        return StepLosses(*(totals / acc.gradient_accumulation_steps).tolist())
+
+    def _batch_step(self, rng: torch.Generator) -> tuple[float, float, float]:
         # every random number comes from the CPU generator, so a run is the same on any device
-        n_data, rng, dev = len(self.data.images), self.rng, self.device
+        acc, n_data = self.accelerator, len(self.data.images)
         pick = torch.randint(n_data, (self.batch_size,), generator=rng)
         y1 = (torch.rand(self.batch_size, generator=rng) < 0.5).long()
         keep = (torch.rand(self.batch_size, generator=rng) >= self.cond_drop).float()
         t = torch.randint(self.scheduler.config.num_train_timesteps, (self.batch_size,), generator=rng)
         images, masks = self.data.images[pick], self.data.masks[pick]
         noise = torch.randn(images.shape, generator=rng)
-        images, masks, y1, keep, t, noise = (v.to(dev) for v in (images, masks, y1, keep, t, noise))
+        images, masks, y1, keep, t, noise = (v.to(acc.device) for v in (images, masks, y1, keep, t, noise))
 
         mask_values = encode_masks(masks, self.data.classes, self.data.channels)
         is_image = y1.float()[:, None, None, None]
@@ -112,18 +137,22 @@ class Trainer:
         a = self.alphas_cumprod[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         condition = mask_values[:, :1] * (is_image * keep[:, None, None, None])  # zeros = no condition
-        eps = self.denoiser(torch.cat([xt, condition], 1), t, class_labels=y1).sample
-        loss_diffusion = F.mse_loss(eps, noise)
-        self.opt_denoiser.zero_grad(set_to_none=True)
-        loss_diffusion.backward()
-        self.opt_denoiser.step()
+        with acc.accumulate(self._denoiser, self._segmenter):
+            # one backward and update per network: accelerate's fp16 scaler updates after each optimiser
+            with acc.autocast():
+                eps = self._denoiser(torch.cat([xt, condition], 1), t, class_labels=y1).sample
+            loss_diffusion = F.mse_loss(eps.float(), noise)
+            acc.backward(loss_diffusion)
+            self.opt_denoiser.step()  # accelerate skips it until the last batch of the step
+            self.opt_denoiser.zero_grad(set_to_none=True)
 
-        logits, type_logit = self.segmenter(xt, t)
-        per_sample = segmentation_loss(logits, masks, self.data.classes)
-        images_seen = y1.float()
-        loss_seg = (per_sample * images_seen).sum() / images_seen.sum().clamp(min=1.0)
-        loss_type = F.binary_cross_entropy_with_logits(type_logit, images_seen)
-        self.opt_segmenter.zero_grad(set_to_none=True)
-        (loss_seg + loss_type).backward()
-        self.opt_segmenter.step()
-        return StepLosses(loss_diffusion.item(), loss_seg.item(), loss_type.item())
+            with acc.autocast():
+                logits, type_logit = self._segmenter(xt, t)
+            per_sample = segmentation_loss(logits.float(), masks, self.data.classes)
+            images_seen = y1.float()
+            loss_seg = (per_sample * images_seen).sum() / images_seen.sum().clamp(min=1.0)
+            loss_type = F.binary_cross_entropy_with_logits(type_logit.float(), images_seen)
+            acc.backward(loss_seg + loss_type)
+            self.opt_segmenter.step()
+            self.opt_segmenter.zero_grad(set_to_none=True)
+        return loss_diffusion.item(), loss_seg.item(), loss_type.item()

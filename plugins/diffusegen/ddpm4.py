@@ -31,6 +31,8 @@ from medsynth_core import (
 )
 from medsynth_core.atomic import write_json_atomic
 from medsynth_core.checkpoint import CARD
+from medsynth_core.distributed import current_processes
+from medsynth_core.training import make_accelerator, step_generator
 
 from .bundle import CLUSTERS_FILE, DiffusionBundle, model_dir, recover_dir, replace_dir
 from .clustering import Clusters, ExtractorName, choose_k, cluster_pairs, read_clusters
@@ -131,24 +133,39 @@ class DDPM4Generator(Generator):
         workdir.mkdir(parents=True, exist_ok=True)
         stems, images, masks = _labelled_pairs(dataset)
         channels = 3 if any(im.ndim == 3 for im in images) else 1
-        clusters = self._clusters(workdir, stems, images, masks)
+        procs = current_processes()
+        self._card = None
+        error = None
+        if procs.is_main:  # clustering and the card are written once; the other processes read them
+            try:
+                clusters = self._clusters(workdir, stems, images, masks)
+                count = clusters.k if cfg.per_cluster else 1
+                previous = read_checkpoint_card(workdir).get("models", {}) if (workdir / CARD).is_file() else {}
+                self._card = {"channels": channels, "clusters": clusters, "steps": self._model_steps(workdir, count),
+                              "losses": {name: m.get("loss") for name, m in previous.items()},
+                              "masks": dict(zip(stems, masks))}
+                self._write_card(workdir)
+            except Exception as err:  # re-raised on every process by agree()
+                error = err
+        procs.agree(error)
+        if not procs.is_main:
+            clusters = read_clusters(workdir / CLUSTERS_FILE)
         count = clusters.k if cfg.per_cluster else 1
         data = pairs_to_tensor(images, masks, cfg.size, channels)
         index_of = {s: i for i, s in enumerate(stems)}
         members = [[index_of[s] for s in clusters.members(c)] for c in range(clusters.k)] if cfg.per_cluster \
             else [list(range(len(stems)))]
-        previous = read_checkpoint_card(workdir).get("models", {}) if (workdir / CARD).is_file() else {}
-        self._card = {"channels": channels, "clusters": clusters, "steps": self._model_steps(workdir, count),
-                      "losses": {name: m.get("loss") for name, m in previous.items()},
-                      "masks": dict(zip(stems, masks))}
-        self._write_card(workdir)
-        device = self.context.device
+        # the option asks for autocast on CUDA only; the command's --mixed-precision overrides it
+        cuda = str(self.context.device).startswith("cuda")
+        accelerator = make_accelerator(self.context, mixed_precision=cfg.mixed_precision if cuda else "no")
         with self.context.progress.task(f"training ddpm4 ({count} model{'s' * (count > 1)})",
                                         total=count * cfg.steps) as task:
-            task.advance(sum(min(s, cfg.steps) for s in self._card["steps"].values()))
+            if self._card is not None:
+                task.advance(sum(min(s, cfg.steps) for s in self._card["steps"].values()))
             for index in range(count):
-                self._train_model(workdir, index, data[members[index]], channels, device, task)
-        del self._card["masks"]
+                self._train_model(workdir, index, data[members[index]], channels, accelerator, task)
+        if self._card is not None:
+            del self._card["masks"]
         return workdir
 
     def _clusters(self, workdir: Path, stems: list[str], images, masks) -> Clusters:
@@ -185,7 +202,10 @@ class DDPM4Generator(Generator):
             steps[path.name] = int(json.loads(done.read_text())["step"]) if done.is_file() else 0
         return steps
 
-    def _train_model(self, workdir: Path, index: int, data: torch.Tensor, channels: int, device: str, task) -> None:
+    def _train_model(self, workdir: Path, index: int, data: torch.Tensor, channels: int, accelerator,
+                     task) -> None:
+        """Train (or go on training) the model of cluster ``index``; every process runs this, each on its own
+        batches, and the main process writes the checkpoints."""
         cfg = self.config
         path = model_dir(workdir, index, cfg.per_cluster)
         if (path / TRAIN_STATE).is_file():
@@ -200,37 +220,39 @@ class DDPM4Generator(Generator):
                               attention_resolutions=cfg.attention_resolutions,
                               attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups,
                               resblock_updown=cfg.resblock_updown, dropout=cfg.dropout)
-            state = {"step": 0, "optimizer": None,
-                     "rng": torch.Generator().manual_seed(cfg.seed * 1009 + index + 1).get_state()}
+            state = {"step": 0, "optimizer": None}
         if state["step"] >= cfg.steps:
             return
-        unet.to(device).train()
+        unet.to(accelerator.device).train()
         optimiser = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if state["optimizer"] is not None:
             optimiser.load_state_dict(state["optimizer"])
             for group in optimiser.param_groups:  # the saved state carries the old lr; the options win
                 group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
-        gen = torch.Generator()
-        gen.set_state(state["rng"])
-        trainer = _Trainer(unet, optimiser, cfg, device)
+        model, optimiser = accelerator.prepare(unet, optimiser)
+        trainer = _Trainer(model, optimiser, cfg, accelerator, seed=cfg.seed * 1009 + index + 1)
         step, window = state["step"], []
         while step < cfg.steps:
-            loss, mse, vb = trainer.step(data, gen)
+            loss, mse, vb = trainer.step(data, step)
             step += 1
             window.append((loss, mse, vb))
             task.advance()
             task.show(model=path.name, loss=f"{loss:.4f}")
             if step % cfg.save_every == 0 or step == cfg.steps:
-                mean = np.mean(window, axis=0)
-                self._save(workdir, path, unet, optimiser, gen, step, mean)
+                mean = accelerator.reduce(torch.tensor(np.mean(window, axis=0), dtype=torch.float32,
+                                                       device=accelerator.device), reduction="mean")
+                if accelerator.is_main_process:
+                    self._save(workdir, path, accelerator.unwrap_model(model), optimiser, step,
+                               mean.cpu().numpy())
+                accelerator.wait_for_everyone()  # no process reads a model before it is written
                 window = []
+        accelerator.free_memory()  # the next model starts its own accumulation cycle
 
-    def _save(self, workdir: Path, path: Path, unet, optimiser, gen: torch.Generator, step: int,
-              mean: np.ndarray) -> None:
+    def _save(self, workdir: Path, path: Path, unet, optimiser, step: int, mean: np.ndarray) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         unet.save_pretrained(str(tmp))
-        save_torch(tmp / TRAIN_STATE, {"step": step, "optimizer": optimiser.state_dict(), "rng": gen.get_state()})
+        save_torch(tmp / TRAIN_STATE, {"step": step, "optimizer": optimiser.state_dict()})
         (tmp / TRAIN_STEP).write_text(json.dumps({"step": step}))  # read without loading the optimiser state
         replace_dir(tmp, path)
         _append_loss(workdir / LOSS_LOG, path.name, step, mean)
@@ -298,17 +320,35 @@ class DDPM4Generator(Generator):
 
 
 class _Trainer:
-    """One DDPM training step: noise a batch of pairs at uniform timesteps, regress the noise."""
+    """One DDPM training step: noise a batch of pairs at uniform timesteps, regress the noise.
 
-    def __init__(self, unet, optimiser, cfg: DDPM4Config, device: str) -> None:
-        self.unet, self.optimiser, self.cfg, self.device = unet, optimiser, cfg, device
+    A step is one optimiser update: ``grad_accum`` batches, all drawn from the generator of
+    (seed, step, process), so each process sees its own batches and a resumed training draws what
+    an uninterrupted one would.
+    """
+
+    def __init__(self, unet, optimiser, cfg: DDPM4Config, accelerator, *, seed: int) -> None:
+        self.unet, self.optimiser, self.cfg, self.accelerator, self.seed = unet, optimiser, cfg, accelerator, seed
         self.schedule = Schedule()
-        cuda = device.startswith("cuda")
-        self.autocast = cuda and cfg.mixed_precision != "no"
-        self.dtype = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.mixed_precision == "fp16")
 
-    def step(self, data: torch.Tensor, gen: torch.Generator) -> tuple[float, float, float]:
+    def step(self, data: torch.Tensor, step: int) -> tuple[float, float, float]:
+        """Train on the batches of ``step``; return this process's mean loss, MSE and VB term."""
+        acc = self.accelerator
+        gen = step_generator(self.seed, step, acc.process_index)
+        totals = np.zeros(3)
+        for _ in range(acc.gradient_accumulation_steps):
+            x0, xt, noise, t = self._batch(data, gen)
+            with acc.accumulate(self.unet):
+                with acc.autocast():
+                    output = self.unet(xt, t).sample
+                loss, mse, vb = hybrid_loss(self.schedule, x0, xt, t, noise, output.float())
+                acc.backward(loss)
+                self.optimiser.step()  # skipped by accelerate until the last batch of the step
+                self.optimiser.zero_grad(set_to_none=True)
+            totals += (float(loss.detach()), float(mse), float(vb))
+        return tuple(totals / acc.gradient_accumulation_steps)
+
+    def _batch(self, data: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         bs = self.cfg.batch_size
         pick = torch.randint(len(data), (bs,), generator=gen)
         x0 = data[pick].clone()
@@ -317,16 +357,11 @@ class _Trainer:
             x0[flips] = x0[flips].flip(-1)
         t = torch.randint(0, TRAIN_STEPS, (bs,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        if self.cfg.dropout > 0:  # dropout draws from the global generators: seed them per batch too
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
         xt = self.schedule.q_sample(x0, t, noise)
-        x0, xt, noise, t = (v.to(self.device) for v in (x0, xt, noise, t))
-        with torch.autocast("cuda", dtype=self.dtype, enabled=self.autocast):
-            output = self.unet(xt, t).sample
-        loss, mse, vb = hybrid_loss(self.schedule, x0, xt, t, noise, output.float())
-        self.optimiser.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimiser)
-        self.scaler.update()
-        return float(loss.detach()), float(mse), float(vb)
+        device = self.accelerator.device
+        return tuple(v.to(device) for v in (x0, xt, noise, t))
 
 
 @torch.no_grad()
