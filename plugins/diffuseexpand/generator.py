@@ -94,6 +94,11 @@ class DiffuseExpandGenerator(Generator):
     trainable = True
     requires = frozenset({"mask"})
     makes = frozenset()  # the pair's mask is the conditioning mask
+    recipe = {  # CPU-sized DiffuseExpand: masks and images from the same checkpoint, Dice-filtered
+        "train": {"steps": 600},
+        "mask_source": {"name": "diffuseexpand-masks", "checkpoint": "{checkpoint}"},
+        "filters": [{"name": "dice-filter"}],
+    }
 
     bundle: store.Bundle | None = None
 
