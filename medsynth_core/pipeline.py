@@ -62,6 +62,13 @@ class RunConfig:
     drop_empty: bool = option(False, "Leave out slices of 3-D volumes whose label is empty.")
     device: str = option("auto", "Torch device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     max_candidates: int | None = option(None, "Give up after this many candidates (default: 50 x n).")
+    workers: int = option(0, "Worker processes that refine and PNG-encode a batch while the next one is sampled "
+                             "(refiners marked in_worker); 0: all in this process, one step after another.")
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", "Autocast while generating: bf16 (CPU or GPU) or fp16 (GPU only); changes the pixels slightly.")
+    channels_last: bool = option(False, "Put the generator's networks in channels-last memory format (faster "
+                                        "convolutions on recent GPUs).")
+    compile: bool = option(False, "torch.compile the generator's networks (slow first batch, faster after).")
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -74,6 +81,8 @@ class RunConfig:
             raise ConfigError(f"slice_axis must be 0, 1 or 2, got {self.slice_axis}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,7 @@ class Pipeline:
 
         Built from the components' full configs, so an option written out at its default value
         and one left out give the same fingerprint; n, batch size, output folder, device and
-        evaluators do not count.
+        evaluators do not count; nor do worker processes, which change where work runs, not its result.
         """
         stages = [self.mask_source, self.generator, *self.refiners, *self.filters]
         data = {
@@ -200,6 +209,9 @@ class Pipeline:
             "checkpoint": self.spec.checkpoint,
             "stages": [[c.role, c.name, config_to_dict(c.config)] for c in stages if c is not None],
         }
+        numerics = [self.spec.run.precision, self.spec.run.channels_last, self.spec.run.compile]
+        if numerics != ["fp32", False, False]:
+            data["numerics"] = numerics  # they change the pixels; left at their defaults they leave old runs be
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def stages(self) -> list[Any]:

@@ -54,6 +54,14 @@ class Component:
         self.plugin = type(self).__module__  # the registry replaces these with the providing plugin
         self.version = "unknown"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy sent to a worker process leaves the context (progress bars, log) behind
+        return {**self.__dict__, "context": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.context = Context()
+
     @classmethod
     def summary(cls) -> str:
         """The one-line description: ``description`` or the docstring's first line."""
@@ -121,11 +129,23 @@ class Generator(Component):
         """Return one Sample per condition, sample ``k`` drawn with ``seeds[k]`` alone."""
         raise NotImplementedError
 
+    def networks(self) -> list[Any]:
+        """The torch modules ``generate`` runs, once loaded; the runner applies ``[run]``
+        ``channels_last`` and ``compile`` to them. Optional: the default is none."""
+        return []
+
 
 class Refiner(Component):
-    """Improves samples, for example a soft mask turned into a binary mask."""
+    """Improves samples, for example a soft mask turned into a binary mask.
+
+    ``in_worker`` marks refiners whose work is plain CPU code on the sample (thresholds, CRF,
+    superpixels): with ``[run] workers`` they run in worker processes while the next batch is
+    sampled. Such a refiner must pickle (its config and plain attributes) and must not need the
+    context's progress bars.
+    """
 
     role = "refiner"
+    in_worker: ClassVar[bool] = False
 
     def refine(self, samples: Sequence[Sample]) -> list[Sample]:
         """Return the refined samples, one per input, in the same order."""

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import remove_temporaries, write_bytes_atomic, write_json_atomic
-from .config import config_to_dict
+from .batches import BatchMaker, Encoded, Pending, prepare_networks, stage_record
 from .dataset import BINARY_LABELS, Dataset, open_dataset
 from .distributed import Processes, current_processes
 from .errors import PipelineError
@@ -30,9 +29,7 @@ from .manifest import ManifestWriter, read_manifest
 from .pipeline import Pipeline
 from .provenance import now_iso, package_version, software_versions
 from .report import EvaluatorResult, evaluate, write_report
-from .roles import Component
-from .sample import Condition, Sample
-from .seeds import sample_seed
+from .sample import Sample
 from .set_filtering import DROPPED, apply_set_filters, is_candidate, place_files
 
 CARD = "dataset.json"
@@ -112,6 +109,7 @@ def _run(pipeline: Pipeline, out: Path, real: Dataset | None, procs: Processes) 
             flt.fit(real)
     if pipeline.generator.trainable:
         pipeline.generator.load(Path(spec.checkpoint))
+    prepare_networks(pipeline)
 
     allowed = frozenset(labels.values()) | {0}
     _generate(pipeline, out, allowed, procs)
@@ -151,19 +149,26 @@ def _generate(pipeline: Pipeline, out: Path, allowed: frozenset[int], procs: Pro
     root = out if procs.world == 1 else out / SHARDS / f"rank-{procs.rank}"
     root.mkdir(parents=True, exist_ok=True)
     plan = _Plan(decided, spec.run.n, limit)
-    with ManifestWriter(root / MANIFEST) as manifest, \
+    with ManifestWriter(root / MANIFEST) as manifest, BatchMaker(pipeline, spec.run.workers) as maker, \
             ctx.progress.task(f"generating with {pipeline.generator.name}", total=spec.run.n) as bar:
         shown = plan.candidates()
         bar.advance(shown)
+        ahead: Pending | None = None  # the next round's batch, sampled while this one is refined
         while (todo := plan.next_indices(procs.world * spec.run.batch_size)) is not None:
-            mine = todo[procs.rank * spec.run.batch_size:(procs.rank + 1) * spec.run.batch_size]
+            mine = _share(todo, procs, spec.run.batch_size)
             outcome, error = [], None
             try:
-                for index, sample, verdicts in (_make_batch(pipeline, mine) if mine else ()):
+                current = ahead if ahead is not None and ahead.indices == mine else \
+                    (maker.start(mine) if mine else None)
+                ahead = None
+                if maker.overlapping:
+                    guess = _share(plan.following(todo, procs.world * spec.run.batch_size), procs, spec.run.batch_size)
+                    ahead = maker.start(guess) if guess else None
+                for index, sample, verdicts, encoded in (maker.finish(current) if current else ()):
                     record = _record(index, sample, verdicts)
                     if record["kept"]:
                         _check_labels(sample, allowed, pipeline)
-                        record["image"], record["mask"] = _write_pair(root, index, sample)
+                        record["image"], record["mask"] = _write_pair(root, index, sample, encoded)
                     manifest.append(record)
                     outcome.append((index, record["kept"]))
                     if procs.world == 1:
@@ -179,6 +184,11 @@ def _generate(pipeline: Pipeline, out: Path, allowed: frozenset[int], procs: Pro
             now = plan.candidates()
             bar.advance(now - shown)
             shown = now
+
+
+def _share(todo: list[int], procs: Processes, batch_size: int) -> list[int]:
+    """This process's part of a round: its own ``batch_size`` slice of the indices."""
+    return todo[procs.rank * batch_size:(procs.rank + 1) * batch_size]
 
 
 class _Plan:
@@ -221,6 +231,16 @@ class _Plan:
                 f"only {self.candidates()} of {self.n} pairs kept after {self.limit} candidates; "
                 "loosen the filters or raise [run] max_candidates")
         return todo
+
+    def following(self, todo: list[int], count: int) -> list[int]:
+        """A guess at the next round: the ``count`` undecided indices after ``todo``, were it decided."""
+        guess: list[int] = []
+        index = todo[-1] + 1 if todo else self._frontier
+        while len(guess) < count and index < self.limit:
+            if index not in self.decided:
+                guess.append(index)
+            index += 1
+        return guess
 
 
 def _nth_candidate(decided: dict[int, bool], n: int) -> int:
@@ -290,50 +310,6 @@ def _all_records(out: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _make_batch(pipeline: Pipeline, indices: Sequence[int]):
-    """Generate, refine and judge one batch; yield (index, sample, verdicts) in index order."""
-    seeds = [sample_seed(pipeline.spec.run.seed, i) for i in indices]
-    if pipeline.mask_source is not None:
-        conditions = pipeline.mask_source.conditions(indices, seeds)
-        _expect_count(pipeline.mask_source, conditions, len(indices))
-    else:
-        conditions = [Condition() for _ in indices]
-    samples = pipeline.generator.generate(conditions, seeds)
-    _expect_count(pipeline.generator, samples, len(indices))
-    samples = [_complete(s, c, i, seed, pipeline) for s, c, i, seed in zip(samples, conditions, indices, seeds)]
-    for refiner in pipeline.refiners:
-        samples = refiner.refine(samples)
-        _expect_count(refiner, samples, len(indices))
-        for s in samples:
-            s.meta.setdefault("provenance", []).append(_stage_record(refiner))
-    verdicts: list[dict[str, Any]] = [{} for _ in samples]
-    alive = list(range(len(samples)))
-    for flt in (f for f in pipeline.filters if f.scope == "sample"):
-        judged = flt.judge([samples[k] for k in alive])
-        _expect_count(flt, judged, len(alive))
-        for k, verdict in zip(alive, judged):
-            verdicts[k][flt.name] = verdict
-            if verdict.sample is not None:
-                samples[k] = verdict.sample
-        alive = [k for k, v in zip(alive, judged) if v.keep]
-    for k, index in enumerate(indices):
-        samples[k].check(f"sample {index}")
-        if samples[k].mask is None:
-            raise PipelineError(f"sample {index} has no mask after the refiners; add a refiner such as 'threshold'")
-        yield index, samples[k], verdicts[k]
-
-
-def _complete(sample: Sample, condition: Condition, index: int, seed: int, pipeline: Pipeline) -> Sample:
-    if sample.mask is None and sample.soft_mask is None and condition.mask is not None:
-        sample = sample.replace(mask=condition.mask)  # the conditioning mask is the pair's mask
-    sample.meta.update(index=index, seed=seed)
-    if condition.meta:
-        sample.meta["condition"] = dict(condition.meta)
-    head = [pipeline.mask_source] if pipeline.mask_source is not None else []
-    sample.meta["provenance"] = [_stage_record(c) for c in [*head, pipeline.generator]]
-    return sample
-
-
 def _record(index: int, sample: Sample, verdicts: dict[str, Any]) -> dict[str, Any]:
     dropped_by = next((name for name, v in verdicts.items() if not v.keep), None)
     record: dict[str, Any] = {
@@ -354,10 +330,14 @@ def _record(index: int, sample: Sample, verdicts: dict[str, Any]) -> dict[str, A
     return record
 
 
-def _write_pair(out: Path, index: int, sample: Sample) -> tuple[str, str]:
+def _write_pair(out: Path, index: int, sample: Sample, encoded: Encoded = None) -> tuple[str, str]:
     image_rel, mask_rel = f"images/{index:06d}.png", f"masks/{index:06d}.png"
-    write_png_image(out / image_rel, sample.image)
-    write_png_mask(out / mask_rel, sample.mask)
+    if encoded is None:
+        write_png_image(out / image_rel, sample.image)
+        write_png_mask(out / mask_rel, sample.mask)
+    else:  # encoded ahead in a worker
+        write_bytes_atomic(out / image_rel, encoded[0])
+        write_bytes_atomic(out / mask_rel, encoded[1])
     return image_rel, mask_rel
 
 
@@ -367,16 +347,6 @@ def _check_labels(sample: Sample, allowed: frozenset[int], pipeline: Pipeline) -
         raise PipelineError(
             f"sample {sample.meta['index']}: mask holds labels {extra} that the dataset does not declare "
             f"({sorted(allowed)}); check generator {pipeline.generator.name!r} and the refiners")
-
-
-def _expect_count(component: Component, items: Sequence[Any], n: int) -> None:
-    if len(items) != n:
-        raise PipelineError(f"{component.role} {component.name!r} returned {len(items)} items for {n} samples")
-
-
-def _stage_record(component: Component) -> dict[str, Any]:
-    return {"role": component.role, "name": component.name, "plugin": component.plugin,
-            "version": component.version, "config": config_to_dict(component.config)}
 
 
 def check_run_folder(pipeline: Pipeline, resume: bool, out: str | Path | None = None) -> None:
@@ -468,7 +438,7 @@ def _write_card(out: Path, pipeline: Pipeline, labels: dict[str, int], records: 
         "dropped": len(records) - kept,
         "fingerprint": pipeline.fingerprint(),
         "pipeline": pipeline.spec.to_dict(),
-        "stages": [_stage_record(c) for c in pipeline.stages()],
+        "stages": [stage_record(c) for c in pipeline.stages()],
     })
 
 

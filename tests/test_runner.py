@@ -529,11 +529,11 @@ def test_resume_after_a_kill_gives_the_uninterrupted_run(
             original = runner._write_pair
             pairs: list[int] = []
 
-            def write_pair(out_: Path, index: int, sample: Sample):
+            def write_pair(out_: Path, index: int, sample: Sample, encoded=None):
                 pairs.append(index)
                 if len(pairs) == 3:
                     raise KeyboardInterrupt
-                return original(out_, index, sample)
+                return original(out_, index, sample, encoded)
 
             mp.setattr(runner, "_write_pair", write_pair)
             expected: type[BaseException] = KeyboardInterrupt

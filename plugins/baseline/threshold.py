@@ -30,6 +30,8 @@ class ThresholdConfig:
 class ThresholdRefiner(Refiner):
     """Binarise soft masks with a fixed threshold or Otsu's method; samples without one pass unchanged."""
 
+    in_worker = True  # plain CPU work on each sample
+
     Config = ThresholdConfig
 
     def refine(self, samples: Sequence[Sample]) -> list[Sample]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -121,6 +121,11 @@ class ControlNetGenerator(Generator):
         from .training import train
 
         return train(self, dataset, Path(workdir))
+
+    def networks(self) -> list[Any]:
+        """The base UNet and the ControlNet, once loaded."""
+        sampler = getattr(self, "_sampler", None)
+        return [] if sampler is None else [sampler.base.unet, sampler.controlnet]
 
     def load(self, checkpoint: Path) -> None:
         from medsynth_plugins.common.sd_base import quiet_hub

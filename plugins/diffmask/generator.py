@@ -152,6 +152,11 @@ class SDAttentionGenerator(Generator):
 
         return train(self, dataset, Path(workdir))
 
+    def networks(self) -> list[Any]:
+        """The base UNet, once loaded."""
+        base = getattr(self, "base", None)
+        return [] if base is None or isinstance(base, str) else [base.unet]
+
     def load(self, checkpoint: Path) -> None:
         from medsynth_plugins.common.sd_base import check_size, load_sd_base, sampling_dtype
 

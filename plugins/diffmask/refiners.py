@@ -153,6 +153,8 @@ def _seed(sample: Sample) -> int:
 class _SoftRefiner(Refiner):
     """Runs ``_refine_one`` on samples that carry a soft mask or a mask; others pass unchanged."""
 
+    in_worker = True  # plain CPU work on each sample
+
     def refine(self, samples: Sequence[Sample]) -> list[Sample]:
         return [s if _soft_of(s) is None else self._refine_one(s) for s in samples]
 

@@ -6,7 +6,7 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -196,6 +196,10 @@ class DiffuseExpandGenerator(Generator):
         store.tidy(workdir, keep=name)
 
     # ---- Stage III ------------------------------------------------------------------------------------------
+
+    def networks(self) -> list[Any]:
+        """The denoiser and the noisy segmenter, once loaded."""
+        return [] if self.bundle is None else [self.bundle.denoiser, self.bundle.segmenter]
 
     def load(self, checkpoint: Path) -> None:
         self.bundle = store.load_bundle(checkpoint, self.context.device)

@@ -552,6 +552,11 @@ class UM2IGenerator(Generator):
         return report
 
     # ---------------------------------------------------------------- inference
+    def networks(self) -> list[Any]:
+        """The multi-task generator, once loaded."""
+        g = getattr(self, "_g", None)
+        return [] if g is None else [g]
+
     def load(self, checkpoint: Path) -> None:
         checkpoint = Path(checkpoint)
         read_checkpoint_card(checkpoint, expected=self.name)
