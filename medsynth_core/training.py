@@ -4,17 +4,27 @@
 ``make_accelerator`` turns them into an ``accelerate.Accelerator`` for this process, so a
 training loop written once runs on a CPU, one GPU, or many processes started by
 ``accelerate launch`` (data parallel: each process draws its own batches, gradients are
-averaged). A loop follows accelerate's usual shape::
+averaged). The conventions every generator follows:
+
+- a training *step* is one optimiser update; with ``--grad-accum k`` it takes ``k`` batches
+  per process, so ``steps`` and checkpoint intervals mean the same whatever ``k`` is;
+- the batch of micro-step ``m`` of step ``s`` on process ``r`` comes from
+  ``step_generator(seed, s, m * world + r)``, so a resumed run draws what an uninterrupted one
+  would, and ``k`` accumulated batches in one process equal ``k`` processes of one batch;
+- only the main process writes checkpoints and logs, then every process waits for it.
+
+A loop in accelerate's usual shape::
 
     acc = make_accelerator(self.context, mixed_precision=cfg.mixed_precision)
     model, optimiser = acc.prepare(model, optimiser)
     for step in range(start, steps):
-        batch = draw_batch(step_generator(cfg.seed, step, acc.process_index))
-        with acc.accumulate(model), acc.autocast():
-            acc.backward(loss_of(model, batch))
-            optimiser.step()
-            optimiser.zero_grad()
-        if acc.is_main_process and step % save_every == 0:
+        for micro in range(acc.gradient_accumulation_steps):
+            gen = step_generator(cfg.seed, step, micro * acc.num_processes + acc.process_index)
+            with acc.accumulate(model), acc.autocast():
+                acc.backward(loss_of(model, draw_batch(gen)))
+                optimiser.step()
+                optimiser.zero_grad()
+        if acc.is_main_process and (step + 1) % save_every == 0:
             save(acc.unwrap_model(model))
         acc.wait_for_everyone()
 """
