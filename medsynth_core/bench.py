@@ -4,11 +4,12 @@ A method is a generator with a ``recipe``. Each is trained (when trainable) into
 ``OUT/<method>/checkpoint``, run into ``OUT/<method>/pairs``, and scored with the same
 evaluators; ``OUT/bench.md`` is one table, a row per method, with fidelity, variety, utility
 and cost columns, beside the usual report and its figures. Finished steps are recorded in
-``OUT/bench.json``, so a killed bench resumes where it stopped.
+``OUT/bench.json`` (with each method's scores), so a killed bench resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_bytes_atomic, write_json_atomic
+from .config import to_jsonable
 from .dataset import Dataset, open_dataset
 from .errors import ConfigError
 from .pipeline import build_pipeline, parse_pipeline
@@ -81,7 +83,8 @@ def run_bench(settings: BenchSettings, registry: Registry, context: Context,
         if unknown:
             raise ConfigError(f"recipe of {name!r}: unknown key {unknown[0]!r}; "
                               f"valid: {', '.join(sorted(RECIPE_KEYS))}")
-    evaluators, skipped = build_evaluators(registry, list(settings.evaluators), context, skip_unavailable=True)
+    stages = [dict(e) for e in settings.evaluators]
+    evaluators, skipped = build_evaluators(registry, stages, context, skip_unavailable=True)
     for s in skipped:
         context.log(f"skipping {s.evaluator}: {s.reason}")
     real = open_dataset(settings.data)
@@ -95,7 +98,11 @@ def run_bench(settings: BenchSettings, registry: Registry, context: Context,
         checkpoint = _train(name, recipe, real, settings, registry, context, cost, state)
         synthetic = _generate(name, recipe, checkpoint, real, settings, registry, context, cost, state)
         sets.append(synthetic)
-        results += evaluate(evaluators, real, synthetic)
+        if cost.get("evaluators") != stages:  # scored before with these evaluators: keep those scores
+            cost["results"] = [_result_to_json(r) for r in evaluate(evaluators, real, synthetic)]
+            cost["evaluators"] = stages
+            _write_state(settings, state)
+        results += [_result_from_json(r) for r in cost["results"]]
         results.append(_cost_result(name, cost, settings.n))
     write_report(settings.out, real, results, synthetic=sets, skipped=skipped)
     table = settings.out / "bench.md"
@@ -144,6 +151,15 @@ def _generate(name: str, recipe: Mapping[str, Any], checkpoint: Path | None, rea
     synthetic = open_dataset(folder, labels=real.labels)
     synthetic.name = name
     return synthetic
+
+
+def _result_to_json(result: EvaluatorResult) -> dict[str, Any]:
+    return to_jsonable(dataclasses.asdict(result))
+
+
+def _result_from_json(data: Mapping[str, Any]) -> EvaluatorResult:
+    metrics = [Metric(**m) for m in data["metrics"]]
+    return EvaluatorResult(data["evaluator"], data["config"], data["synthetic"], metrics)
 
 
 def _with_checkpoint(value: Any, checkpoint: Path | None) -> Any:

@@ -80,14 +80,26 @@ def test_every_method_with_a_recipe_is_benched_and_tabled(registry: Registry, de
     assert "metrics.png" in report["figures"]
 
 
-def test_a_finished_bench_resumes_without_training_again(registry: Registry, demo_dir: Path,
-                                                         tmp_path: Path) -> None:
+def test_a_finished_bench_resumes_without_training_or_scoring_again(
+        registry: Registry, demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medsynth_core.bench as bench
+
     FITS.clear()
+    scored: list[str] = []
+    real_evaluate = bench.evaluate
+    monkeypatch.setattr(bench, "evaluate", lambda e, r, s: scored.append(s.name) or real_evaluate(e, r, s))
     run_bench(_settings(demo_dir, tmp_path), registry, Context(), bench_methods(registry))
     state = json.loads((tmp_path / "bench.json").read_text())
+    table = (tmp_path / "bench.md").read_text()
     run_bench(_settings(demo_dir, tmp_path), registry, Context(), bench_methods(registry))
     assert len(FITS) == 1, "training ran once"
+    assert sorted(scored) == ["augment", "mean-image"], "each set was scored once"
     assert json.loads((tmp_path / "bench.json").read_text()) == state
+    assert (tmp_path / "bench.md").read_text() == table
+    other = _settings(demo_dir, tmp_path)
+    other.evaluators = [{"name": "mask-stats", "min_component": 2}]
+    run_bench(other, registry, Context(), bench_methods(registry))
+    assert len(scored) == 4, "other evaluators: the sets are scored again"
 
 
 def test_a_bench_folder_of_another_seed_is_refused(registry: Registry, demo_dir: Path, tmp_path: Path) -> None:

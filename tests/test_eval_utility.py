@@ -219,3 +219,24 @@ def test_unknown_encoder_is_a_config_error(real: Dataset) -> None:
     config = UtilityConfig(encoder="no-such-encoder", **TINY)
     with pytest.raises(ConfigError, match="encoder 'no-such-encoder'"):
         UtilityEvaluator(config).evaluate(real, _copies(real, range(len(real))))
+
+
+def test_real_only_models_are_trained_once_for_several_synthetic_sets(real: Dataset,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import medsynth_plugins.evaluation.utility as utility
+
+    trained: list[int] = []
+
+    def counting(pairs, *args, **kwargs):
+        trained.append(len(pairs))
+        return train_segmenter(pairs, *args, **kwargs)
+
+    monkeypatch.setattr(utility, "train_segmenter", counting)
+    evaluator = UtilityEvaluator(UtilityConfig(protocols=("real", "real+synthetic"), **TINY))
+    first = _by_name(evaluator.evaluate(real, _copies(real, range(len(real)))))
+    second = _by_name(evaluator.evaluate(real, _copies(real, range(0, len(real), 2))))
+    assert len(trained) == 3, "real-only once, real+synthetic once per set"
+    assert first["dice[real]"].value == second["dice[real]"].value
+    fresh = _by_name(UtilityEvaluator(UtilityConfig(protocols=("real",), **TINY)).evaluate(
+        real, _copies(real, range(0, len(real), 2))))
+    assert fresh["dice[real]"].value == second["dice[real]"].value, "the kept scores are the ones training gives"

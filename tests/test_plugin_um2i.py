@@ -421,7 +421,20 @@ def test_two_processes_resume_from_the_saved_step(two_processes: Path, demo_dir:
     assert json.loads((folder / "um-gan.json").read_text())["step"] == 5
 
 
-def test_gradient_accumulation_in_one_process(demo_dir: Path, tmp_path: Path) -> None:
+def test_gradient_accumulation_in_one_process(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--grad-accum 2`: each of N steps is one optimiser update over 2 batches (2N batches in all)."""
+    from medsynth_core import training
+    from medsynth_plugins.um2i import generator as module
+
+    drawn: list[tuple[int, int]] = []
+    step_generator = training.step_generator
+
+    def recording(seed: int, step: int, rank: int = 0, device: str = "cpu") -> torch.Generator:
+        drawn.append((step, rank))
+        return step_generator(seed, step, rank, device)
+
+    monkeypatch.setattr(training, "step_generator", recording)
+    monkeypatch.setattr(module, "step_generator", recording)
     runner = CliRunner()
     options = {**TINY, "supervised_steps": 4, "semi_steps": 0, "checkpoint_every": 4, "vum_steps": 4}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
@@ -431,10 +444,32 @@ def test_gradient_accumulation_in_one_process(demo_dir: Path, tmp_path: Path) ->
     assert read_checkpoint_card(tmp_path / "ck")["step"] == 4
     state = torch.load(tmp_path / "ck" / STATE, weights_only=False)
     gan = torch.load(tmp_path / "ck" / "um-gan.pt", weights_only=False)["training"]
-    # 4 batches, one optimiser step per 2 of them
-    assert _adam_steps(state["opt_g"]) == _adam_steps(state["opt_d"]) == {2}
-    assert max(_adam_steps(gan["opt_g"])) == max(_adam_steps(gan["opt_d"])) == 2 and gan["step"] == 4
+    # micro-batch m of step s from step_generator(seed, s, m): the UM2I networks', then the UM GAN's
+    assert drawn == [(s, m) for s in range(4) for m in range(2)] * 2
+    assert _adam_steps(state["opt_g"]) == _adam_steps(state["opt_d"]) == {4}  # one update per step
+    assert max(_adam_steps(gan["opt_g"])) == max(_adam_steps(gan["opt_d"])) == 4 and gan["step"] == 4
     assert len((tmp_path / "ck" / "loss.csv").read_text().splitlines()) == 5
+
+
+def test_one_process_accumulating_two_batches_trains_what_two_processes_do(two_processes: Path, demo_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """`--grad-accum 2` in one process draws the batches of two processes and averages their gradients
+    (and batch-norm statistics) the same way: the same networks, up to rounding."""
+    from medsynth_core import Context
+    from medsynth_core.training import EXTRAS_KEY, TrainingSettings
+
+    context = Context(extras={EXTRAS_KEY: TrainingSettings(grad_accum=2)})
+    UM2IGenerator(UM2IConfig(**TINY, labelled_fraction=0.75), name="um2i", context=context).fit(
+        open_dataset(demo_dir), tmp_path / "ck")
+    one, two = (torch.load(f / STATE, weights_only=False) for f in (tmp_path / "ck", two_processes))
+    one_gan, two_gan = (torch.load(f / "um-gan.pt", weights_only=False)["training"]
+                        for f in (tmp_path / "ck", two_processes))
+    assert torch.equal(one["pseudo"]["trusted"], two["pseudo"]["trusted"])
+    for a, b in ((one, two), (one_gan, two_gan)):
+        for key in ("g", "d_image", "d_seg") if a is one else ("g", "d", "g_ema"):
+            for name, tensor in a[key].items():
+                assert torch.allclose(tensor.double(), b[key][name].double(), rtol=0, atol=1e-6), (key, name)
+    assert _adam_steps(one["opt_g"]) == {5}
 
 
 def test_a_resumed_run_trains_what_an_uninterrupted_one_does(demo_dir: Path, tmp_path: Path,
@@ -444,7 +479,7 @@ def test_a_resumed_run_trains_what_an_uninterrupted_one_does(demo_dir: Path, tmp
     from medsynth_core.training import EXTRAS_KEY, TrainingSettings
     from medsynth_plugins.um2i import generator as module
 
-    # optimiser steps after batches 2, 3 (stage 1 ends), 4 and 6; saves at 2, 4, 6; the UM GAN saves at 2, 4
+    # 2 batches per step; saves after steps 2, 4 and 6 (stage 1 ends after 3); the UM GAN saves at 2 and 4
     options = {**TINY, "semi_steps": 3, "vum_steps": 4}
 
     def fit(out: Path) -> None:

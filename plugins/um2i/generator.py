@@ -57,7 +57,7 @@ from .networks import (
     lsgan_loss,
     masked_segmentation_loss,
 )
-from .parallel import accumulate, average_buffers, frozen, mean_losses, optimiser_step
+from .parallel import MicroStatistics, accumulate, average_buffers, frozen, mean_losses, optimiser_step
 from .stylegan import (
     GanTraining,
     StyleArch,
@@ -226,11 +226,8 @@ class UM2IGenerator(Generator):
             while state["step"] < total:
                 if state["step"] >= cfg.supervised_steps and state["pseudo"] is None and cfg.condition == "um":
                     state["pseudo"] = self._pseudo_labels(nets, data)  # every process, from equal networks
-                ends = state["step"] + 1
-                # an optimiser step before every save, stage change and the end, whatever --grad-accum
-                losses = self._step(nets, perceptual, data, state, kind, sync=ends % cfg.checkpoint_every == 0
-                                    or ends in (cfg.supervised_steps, total))
-                state["step"] = ends
+                losses = self._step(nets, perceptual, data, state, kind)
+                state["step"] += 1
                 if main:
                     _append_log(workdir / LOSS_LOG, LOSS_FIELDS, {"step": state["step"], **losses})
                 task.advance()
@@ -346,7 +343,7 @@ class UM2IGenerator(Generator):
         nets["opt_g"] = torch.optim.Adam(nets["g"].parameters(), lr=cfg.lr, betas=(0.5, 0.999))
         d_params = [*nets["d_image"].parameters(), *nets["d_seg"].parameters()]
         nets["opt_d"] = torch.optim.Adam(d_params, lr=cfg.lr, betas=(0.5, 0.999))
-        # prepared: steps skipped between accumulation boundaries, fp16 gradients unscaled; we place tensors
+        # prepared: steps skipped until a step's last micro-batch, fp16 gradients unscaled; we place tensors
         nets["opt_g"], nets["opt_d"] = acc.prepare(nets["opt_g"], nets["opt_d"], device_placement=[False, False])
         nets["acc"] = acc
         return nets
@@ -414,65 +411,88 @@ class UM2IGenerator(Generator):
                 "weight": weight.to(device), "labelled": labelled.to(device)}
 
     def _step(self, nets: dict[str, Any], perceptual: VGGPerceptual | None, data: TrainingData,
-              state: dict[str, Any], kind: str, sync: bool = False) -> dict[str, Any]:
-        """One micro-step on this process's batch: both discriminators, then the generator.
+              state: dict[str, Any], kind: str) -> dict[str, Any]:
+        """One training step: one update of both discriminators, then one of the generator.
 
-        Gradients add up over ``--grad-accum`` micro-steps and are averaged over the processes
-        before each optimiser step (``parallel.py``); ``sync`` forces an optimiser step here.
-        Returns the losses averaged over the processes.
+        Each update takes this process's ``--grad-accum`` micro-batches, micro-batch ``m`` drawn from
+        ``step_generator(seed, step, m * world + rank)``; their gradients add up and are averaged
+        over the processes before the update (``parallel.py``). Returns the losses averaged over
+        the micro-batches and the processes.
         """
         cfg, acc = self.config, nets["acc"]
-        step = state["step"]
-        # per step and process: processes draw different batches, a resumed run the same ones
-        b = self._batch(data, state, step_generator(cfg.seed, step, acc.process_index))
+        step, micros = state["step"], acc.gradient_accumulation_steps
+        # per step, micro-batch and process: processes draw different batches, a resumed run the same ones
+        batches = [self._batch(data, state, step_generator(cfg.seed, step, m * acc.num_processes + acc.process_index))
+                   for m in range(micros)]
         g, d_image, d_seg = nets["g"], nets["d_image"], nets["d_seg"]
         g.train()
         seg_on = cfg.condition == "um"
-        cond, real, target, lab = b["cond"], b["image"], b["target"], b["labelled"]
-        zero = torch.zeros((), device=cond.device)
-        with accumulate(acc, step, sync):
-            with acc.autocast():
-                fake, logits = g(cond)
-                d_img_loss = 0.5 * (lsgan_loss(d_image(torch.cat([cond, real], 1))[0].float(), True)
-                                    + lsgan_loss(d_image(torch.cat([cond, fake.detach()], 1))[0].float(), False))
-                d_seg_loss = zero
-                classes = logits.shape[1]
-                if seg_on and bool(lab.any()):
-                    onehot = _one_hot(target[lab], classes)
-                    prob = logits[lab].float().softmax(1).detach()
-                    d_seg_loss = 0.5 * (lsgan_loss(d_seg(torch.cat([cond[lab], onehot], 1))[0].float(), True)
-                                        + lsgan_loss(d_seg(torch.cat([cond[lab], prob], 1))[0].float(), False))
-            acc.backward(d_img_loss + d_seg_loss)
-            optimiser_step(acc, nets["opt_d"], [d_image, d_seg])
+        zero = torch.zeros((), device=batches[0]["cond"].device)
+        # one micro-batch keeps its generator forward for the generator's update; several run it
+        # again there, so memory stays that of one micro-batch
+        keep = micros == 1
+        # batch-norm statistics: each micro-batch's from the step's start, then their mean (as over processes)
+        stats = None if keep else MicroStatistics([g])
+        rows: list[dict[str, float]] = []
+        for m, b in enumerate(batches):
+            cond, real, target, lab = b["cond"], b["image"], b["target"], b["labelled"]
+            with accumulate(acc, m):
+                with torch.set_grad_enabled(keep), acc.autocast():
+                    fake, logits = g(cond)
+                with acc.autocast():
+                    d_img_loss = 0.5 * (lsgan_loss(d_image(torch.cat([cond, real], 1))[0].float(), True)
+                                        + lsgan_loss(d_image(torch.cat([cond, fake.detach()], 1))[0].float(), False))
+                    d_seg_loss = zero
+                    if seg_on and bool(lab.any()):
+                        onehot = _one_hot(target[lab], logits.shape[1])
+                        prob = logits[lab].float().softmax(1).detach()
+                        d_seg_loss = 0.5 * (lsgan_loss(d_seg(torch.cat([cond[lab], onehot], 1))[0].float(), True)
+                                            + lsgan_loss(d_seg(torch.cat([cond[lab], prob], 1))[0].float(), False))
+                acc.backward(d_img_loss + d_seg_loss)
+                optimiser_step(acc, nets["opt_d"], [d_image, d_seg])
+            if keep:
+                b["fake"], b["logits"] = fake, logits
+            trusted = float(b["weight"][~lab].mean()) if bool((~lab).any()) else 1.0
+            rows.append({"d_image": d_img_loss.item(), "d_seg": d_seg_loss.item(), "trusted": trusted})
 
-            # the discriminators take no gradient from the generator's loss (it would add up under --grad-accum)
-            with frozen([d_image, d_seg]), acc.autocast():
-                score, fake_feats = d_image(torch.cat([cond, fake], 1))
-                g_adv = lsgan_loss(score.float(), True)
-                if perceptual is not None:
-                    g_perc = perceptual(fake, real).float()
-                else:
-                    with torch.no_grad():
-                        real_feats = d_image(torch.cat([cond, real], 1))[1]
-                    g_perc = feature_matching_loss(fake_feats, real_feats).float()
-                g_l1 = F.l1_loss(fake.float(), real) if cfg.lambda_l1 > 0 else zero
-                g_seg = g_seg_adv = zero
-                if seg_on:
-                    g_seg = masked_segmentation_loss(logits.float(), target, b["weight"])
-                    if bool(lab.any()):
-                        g_seg_adv = lsgan_loss(d_seg(torch.cat([cond[lab], logits[lab].float().softmax(1)], 1))[0]
-                                               .float(), True)
-                total = (g_adv + cfg.lambda_perceptual * g_perc + cfg.lambda_l1 * g_l1 + cfg.lambda_seg * g_seg
-                         + cfg.lambda_seg_adv * g_seg_adv)
-            acc.backward(total)
-            optimiser_step(acc, nets["opt_g"], [g])
-        average_buffers(acc, [g, d_image, d_seg])  # batch-norm statistics of every process's batch
+        for m, b in enumerate(batches):
+            cond, real, target, lab = b["cond"], b["image"], b["target"], b["labelled"]
+            with accumulate(acc, m):
+                # the discriminators take no gradient from the generator's loss
+                with frozen([d_image, d_seg]), acc.autocast():
+                    if stats is None:
+                        fake, logits = b.pop("fake"), b.pop("logits")
+                    else:
+                        stats.restore()
+                        fake, logits = g(cond)
+                        stats.collect()
+                    score, fake_feats = d_image(torch.cat([cond, fake], 1))
+                    g_adv = lsgan_loss(score.float(), True)
+                    if perceptual is not None:
+                        g_perc = perceptual(fake, real).float()
+                    else:
+                        with torch.no_grad():
+                            real_feats = d_image(torch.cat([cond, real], 1))[1]
+                        g_perc = feature_matching_loss(fake_feats, real_feats).float()
+                    g_l1 = F.l1_loss(fake.float(), real) if cfg.lambda_l1 > 0 else zero
+                    g_seg = g_seg_adv = zero
+                    if seg_on:
+                        g_seg = masked_segmentation_loss(logits.float(), target, b["weight"])
+                        if bool(lab.any()):
+                            g_seg_adv = lsgan_loss(d_seg(torch.cat([cond[lab], logits[lab].float().softmax(1)], 1))[0]
+                                                   .float(), True)
+                    total = (g_adv + cfg.lambda_perceptual * g_perc + cfg.lambda_l1 * g_l1 + cfg.lambda_seg * g_seg
+                             + cfg.lambda_seg_adv * g_seg_adv)
+                acc.backward(total)
+                optimiser_step(acc, nets["opt_g"], [g])
+            rows[m].update(g_adv=g_adv.item(), g_perceptual=g_perc.item(), g_l1=g_l1.item(), g_seg=g_seg.item(),
+                           g_seg_adv=g_seg_adv.item())
+        if stats is not None:
+            stats.finish()
+        average_buffers(acc, [g, d_image, d_seg])  # batch-norm statistics of every process's batches
         stage = 1 if step < cfg.supervised_steps or not seg_on else 2  # M2I has no semi-supervised stage
-        trusted = float(b["weight"][~lab].mean()) if bool((~lab).any()) else 1.0
-        return mean_losses(acc, {
-            "stage": stage, "d_image": d_img_loss.item(), "d_seg": d_seg_loss.item(), "g_adv": g_adv.item(),
-            "perceptual": kind, "g_perceptual": g_perc.item(), "g_l1": g_l1.item(), "g_seg": g_seg.item(),
-            "g_seg_adv": g_seg_adv.item(), "trusted": trusted})
+        means = {key: sum(row[key] for row in rows) / micros for key in rows[0]}
+        return mean_losses(acc, {"stage": stage, "perceptual": kind, **means})
 
     @torch.no_grad()
     def _pseudo_labels(self, nets: dict[str, Any], data: TrainingData) -> dict[str, Any]:
@@ -530,9 +550,7 @@ class UM2IGenerator(Generator):
         with self.context.progress.task("training UM GAN", total=cfg.vum_steps) as task:
             task.advance(min(state["step"], cfg.vum_steps))
             while state["step"] < cfg.vum_steps:
-                ends = state["step"] + 1
-                losses = mean_losses(acc, gan_step(state, reals, settings, acc, sync=ends % cfg.checkpoint_every == 0
-                                                   or ends == cfg.vum_steps))
+                losses = mean_losses(acc, gan_step(state, reals, settings, acc))
                 if main:
                     _append_log(workdir / GAN_LOG, GAN_FIELDS, {"step": state["step"], **losses})
                 task.advance()

@@ -1,8 +1,14 @@
 """Data-parallel steps of the UM2I and UM GAN trainings through accelerate.
 
-Each process draws its own batch, runs the step's forwards and backwards on its own copy of
-the networks, and the gradients are averaged over the processes right before each optimiser
-step; the copies start equal (seeded, or read from the same checkpoint) and therefore stay equal.
+A training step is one update of the discriminators, then one of the generator (the core's
+convention, ``medsynth_core/training.py``). With ``--grad-accum k`` each process takes ``k``
+micro-batches per step, micro-batch ``m`` drawn from ``step_generator(seed, step, m * world + rank)``:
+the discriminators' gradients add up over all of them before their update, then the generator's
+before its update, so ``k`` micro-batches in one process train what ``k`` processes of one do.
+
+Each process runs the forwards and backwards on its own copy of the networks, and the
+gradients are averaged over the processes right before each optimiser step; the copies start
+equal (seeded, or read from the same checkpoint) and therefore stay equal.
 
 Why not ``accelerator.prepare(model)`` (DistributedDataParallel): a GAN step does not fit
 DDP's one-forward-one-backward model. The segmentation discriminator runs only when a
@@ -12,7 +18,7 @@ the UM GAN's lazy R1 takes ``torch.autograd.grad``, which DDP does not reduce; a
 copy and running mean of w are not trained at all. One explicit all-reduce of every gradient
 (``average_gradients``) per optimiser step has none of these problems, costs the same amount
 of communication, and leaves the modules unwrapped. The optimisers are still prepared, so
-accelerate skips their steps between accumulation boundaries and unscales fp16 gradients.
+accelerate skips their steps until a step's last micro-batch and unscales fp16 gradients.
 Float buffers (batch-norm statistics, the mean of w) are averaged too, so every process holds
 the same networks and the main process's checkpoint is everyone's.
 
@@ -28,23 +34,21 @@ from typing import Any
 import torch
 
 
-def accumulate(acc: Any | None, step: int, sync: bool = False) -> contextlib.AbstractContextManager:
-    """``acc.accumulate()`` for training step ``step`` (0-based), on boundaries fixed by the step count.
+def accumulate(acc: Any | None, micro: int) -> contextlib.AbstractContextManager:
+    """``acc.accumulate()`` for micro-batch ``micro`` (0-based) of a step: gradients add up until
+    the step's last micro-batch, whose optimiser steps run.
 
-    Accelerate counts micro-steps from its own creation; a resumed run must accumulate over
-    the same steps as an uninterrupted one, so the counter is set from ``step``. ``sync``
-    forces an optimiser step here (before a checkpoint, a stage change or the end), so no
-    accumulated gradient is ever lost between a save and a resume.
+    Accelerate counts micro-batches from its own creation; the counter is set from ``micro``, so
+    every step (a resumed run's first included) ends with its optimiser updates.
     """
     if acc is None:
         return contextlib.nullcontext()
-    n = acc.gradient_accumulation_steps
-    acc.step = n - 1 if sync else step % n  # accumulate() adds one, then syncs when it reaches n
+    acc.step = micro  # accumulate() adds one, then syncs when it reaches gradient_accumulation_steps
     return acc.accumulate()
 
 
 def sync_gradients(acc: Any | None) -> bool:
-    """Whether this micro-step ends with an optimiser step."""
+    """Whether this micro-batch is the last of its step (the optimisers step after it)."""
     return acc is None or bool(acc.sync_gradients)
 
 
@@ -64,7 +68,7 @@ def backward(acc: Any | None, loss: torch.Tensor) -> None:
 def optimiser_step(acc: Any | None, optimiser: Any, modules: Iterable[torch.nn.Module]) -> None:
     """Average the gradients of ``modules`` over the processes, step and clear ``optimiser``.
 
-    Between accumulation boundaries nothing happens: the prepared optimiser skips its step and
+    Before a step's last micro-batch nothing happens: the prepared optimiser skips its step and
     its ``zero_grad``, so the gradients keep adding up.
     """
     if not sync_gradients(acc):
@@ -106,6 +110,40 @@ def average_buffers(acc: Any | None, modules: Iterable[torch.nn.Module]) -> None
     for b in buffers:
         b.copy_(flat[offset:offset + b.numel()].view_as(b))
         offset += b.numel()
+
+
+class MicroStatistics:
+    """Running statistics (batch norm) of ``modules`` over one step's micro-batches, as processes keep them.
+
+    Each micro-batch's forward updates the buffers from their values at the start of the step
+    (``restore`` before it, ``collect`` after it); ``finish`` leaves the mean of the float ones.
+    ``average_buffers`` does the same over processes, so ``k`` micro-batches in one process leave
+    the statistics ``k`` processes leave.
+    """
+
+    def __init__(self, modules: Iterable[torch.nn.Module]) -> None:
+        self.buffers = [b for m in modules for b in m.buffers()]
+        self.start = [b.detach().clone() for b in self.buffers]
+        self.sums = [torch.zeros_like(b) if b.is_floating_point() else None for b in self.buffers]
+        self.count = 0
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for b, start in zip(self.buffers, self.start):
+            b.copy_(start)
+
+    @torch.no_grad()
+    def collect(self) -> None:
+        for b, total in zip(self.buffers, self.sums):
+            if total is not None:
+                total += b
+        self.count += 1
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        for b, total in zip(self.buffers, self.sums):
+            if total is not None and self.count:
+                b.copy_(total / self.count)
 
 
 def mean_losses(acc: Any | None, losses: dict[str, Any]) -> dict[str, Any]:

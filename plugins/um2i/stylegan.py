@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .parallel import accumulate, autocast, average_buffers, backward, frozen, optimiser_step, sync_gradients
+from .parallel import accumulate, autocast, average_buffers, backward, frozen, optimiser_step
 
 R1_EVERY = 8
 
@@ -283,68 +283,85 @@ def new_gan_state(arch: StyleArch, settings: GanTraining, device: str) -> dict[s
             "opt_d": torch.optim.Adam(d.parameters(), lr=settings.lr, betas=(0.0, 0.99))}
 
 
-def gan_step(state: dict[str, Any], reals: torch.Tensor, settings: GanTraining, acc: Any | None = None,
-             sync: bool = False) -> dict[str, float]:
-    """One discriminator and one generator update on a batch drawn from ``reals`` (N x C x S x S in [-1, 1]).
+def gan_step(state: dict[str, Any], reals: torch.Tensor, settings: GanTraining, acc: Any | None = None
+             ) -> dict[str, float]:
+    """One training step on batches drawn from ``reals`` (N x C x S x S in [-1, 1]): one
+    discriminator update, then one generator update.
 
     ``acc`` (an accelerate Accelerator; None for plain torch) runs it data-parallel with mixed
-    precision and gradient accumulation (see ``parallel.py``); ``sync`` forces an optimiser step
-    even between accumulation boundaries. Each process draws its batch, latents, noise and
-    augmentation from ``step_generator(seed, step, rank)``: processes differ, and a resumed run
-    draws what an uninterrupted one would.
+    precision and ``--grad-accum`` micro-batches per process (see ``parallel.py``). Micro-batch
+    ``m`` draws its batch, latents, layer noise and augmentation from
+    ``step_generator(seed, step, m * world + rank)``: processes differ, a resumed run draws what
+    an uninterrupted one would, and k micro-batches in one process train what k processes do.
     """
+    from medsynth_core import torch_generator
     from medsynth_core.training import step_generator
 
     g, d, g_ema = state["g"], state["d"], state["g_ema"]
     step, arch = state["step"], g.arch
     device = reals.device
-    rng = step_generator(settings.seed, step, 0 if acc is None else acc.process_index)
+    micros, world, rank = (1, 1, 0) if acc is None else (acc.gradient_accumulation_steps, acc.num_processes,
+                                                         acc.process_index)
     level, alpha = schedule(step, settings.steps, arch.levels, settings.progressive)
-    pick = torch.randint(len(reals), (min(settings.batch_size, len(reals)),), generator=rng)
-    real = reals[pick.to(device)]
     factor = 2 ** (arch.levels - level)
-    if factor > 1:
-        real = F.avg_pool2d(real, factor)
-    if alpha < 1.0:  # reals fade in too, as the generator's new level does
-        real = alpha * real + (1 - alpha) * _up(F.avg_pool2d(real, 2))
-    z = torch.randn(len(pick), arch.latent, generator=rng).to(device)
+    draws = []
+    for m in range(micros):
+        rng = step_generator(settings.seed, step, m * world + rank)
+        pick = torch.randint(len(reals), (min(settings.batch_size, len(reals)),), generator=rng)
+        real = reals[pick.to(device)]
+        if factor > 1:
+            real = F.avg_pool2d(real, factor)
+        if alpha < 1.0:  # reals fade in too, as the generator's new level does
+            real = alpha * real + (1 - alpha) * _up(F.avg_pool2d(real, 2))
+        z = torch.randn(len(pick), arch.latent, generator=rng).to(device)
+        noise = int(torch.randint(2**62, (1,), generator=rng))  # the layer noise of this micro-batch's fakes
+        draws.append((rng, real, z, noise))
 
-    def aug(x: torch.Tensor) -> torch.Tensor:
+    def fake_of(z: torch.Tensor, noise: int) -> torch.Tensor:  # the same fake in both phases
+        return g(z, level=level, alpha=alpha, generator=torch_generator(noise, device))
+
+    def aug(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         return augment_pair(x, rng) if settings.augment else x
 
-    torch.manual_seed(int(torch.randint(2**62, (1,), generator=rng)))  # layer noise during training
-    with accumulate(acc, step, sync):
-        with autocast(acc):
-            fake = g(z, level=level, alpha=alpha)
-            d_loss = F.softplus(d(aug(fake.detach()), level=level, alpha=alpha)).float().mean() + \
-                F.softplus(-d(aug(real), level=level, alpha=alpha)).float().mean()
-        r1 = torch.zeros((), device=device)
-        if settings.r1 > 0 and step % R1_EVERY == 0:  # lazy R1 (StyleGAN2), scaled by its interval
-            # in full precision: a gradient of a half-precision score underflows
-            real_r = real.detach().requires_grad_(True)
-            score = d(real_r, level=level, alpha=alpha).sum()
-            (grad,) = torch.autograd.grad(score, real_r, create_graph=True)
-            r1 = settings.r1 / 2 * grad.pow(2).sum(dim=(1, 2, 3)).mean() * R1_EVERY
-        backward(acc, d_loss + r1)
-        optimiser_step(acc, state["opt_d"], [d])
+    d_losses, r1s, g_losses = [], [], []
+    for m, (rng, real, z, noise) in enumerate(draws):
+        with accumulate(acc, m):
+            with torch.no_grad(), autocast(acc):
+                fake = fake_of(z, noise)
+            with autocast(acc):
+                d_loss = F.softplus(d(aug(fake, rng), level=level, alpha=alpha)).float().mean() + \
+                    F.softplus(-d(aug(real, rng), level=level, alpha=alpha)).float().mean()
+            r1 = torch.zeros((), device=device)
+            if settings.r1 > 0 and step % R1_EVERY == 0:  # lazy R1 (StyleGAN2), scaled by its interval
+                # in full precision: a gradient of a half-precision score underflows
+                real_r = real.detach().requires_grad_(True)
+                score = d(real_r, level=level, alpha=alpha).sum()
+                (grad,) = torch.autograd.grad(score, real_r, create_graph=True)
+                r1 = settings.r1 / 2 * grad.pow(2).sum(dim=(1, 2, 3)).mean() * R1_EVERY
+            backward(acc, d_loss + r1)
+            optimiser_step(acc, state["opt_d"], [d])
+        d_losses.append(d_loss.item())
+        r1s.append(r1.item())
 
-        with frozen([d]), autocast(acc):  # the discriminator takes no gradient from the generator's loss
-            fake = g(z, level=level, alpha=alpha)
-            g_loss = F.softplus(-d(aug(fake), level=level, alpha=alpha)).float().mean()
-        backward(acc, g_loss)
-        optimiser_step(acc, state["opt_g"], [g])
-        synced = sync_gradients(acc)
+    for m, (rng, _, z, noise) in enumerate(draws):
+        with accumulate(acc, m):
+            with frozen([d]), autocast(acc):  # the discriminator takes no gradient from the generator's loss
+                g_loss = F.softplus(-d(aug(fake_of(z, noise), rng), level=level, alpha=alpha)).float().mean()
+            backward(acc, g_loss)
+            optimiser_step(acc, state["opt_g"], [g])
+        g_losses.append(g_loss.item())
 
     with torch.no_grad():
-        g.w_avg.lerp_(g.mapping(z).mean(dim=0).float(), 0.005)
+        w_mean = torch.stack([g.mapping(z).mean(dim=0) for _, _, z, _ in draws]).mean(dim=0)
+        g.w_avg.lerp_(w_mean.float(), 0.005)
         average_buffers(acc, [g])  # the mean of w, over every process's latents
-        if synced:  # the EMA follows the optimiser steps
-            beta = 0.5 ** (1.0 / max(10.0, settings.steps / 20))  # EMA half-life: a twentieth of training
-            for p_ema, p in zip(g_ema.parameters(), g.parameters()):
-                p_ema.lerp_(p, 1 - beta)
+        beta = 0.5 ** (1.0 / max(10.0, settings.steps / 20))  # EMA half-life: a twentieth of training
+        for p_ema, p in zip(g_ema.parameters(), g.parameters()):
+            p_ema.lerp_(p, 1 - beta)
         g_ema.w_avg.copy_(g.w_avg)
     state["step"] = step + 1
-    return {"d": d_loss.item(), "g": g_loss.item(), "r1": r1.item(), "level": level, "alpha": alpha}
+    return {"d": sum(d_losses) / micros, "g": sum(g_losses) / micros, "r1": sum(r1s) / micros, "level": level,
+            "alpha": alpha}
 
 
 def gan_state_dict(state: dict[str, Any]) -> dict[str, Any]:
