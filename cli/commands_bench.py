@@ -26,7 +26,7 @@ def bench(
                                      help="Generator to compare (repeatable); default: every one with a recipe."),
     evaluator: list[str] = typer.Option([], "--evaluator", "-e",
                                         help="Evaluator (repeatable); default: fid[segmenter], ms-ssim, "
-                                             "mask-agreement, utility."),
+                                             "mask-agreement, utility at N = all."),
     n: int = typer.Option(32, "--n", "-n", help="Pairs per method."),
     seed: int = typer.Option(0, "--seed", help="Seed shared by every method."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per batch."),

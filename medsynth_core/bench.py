@@ -35,7 +35,7 @@ DEFAULT_EVALUATORS: tuple[dict[str, Any], ...] = (
     {"name": "fid", "extractor": "segmenter"},   # fidelity, with no downloaded weights
     {"name": "ms-ssim", "pairs": 200},          # variety
     {"name": "mask-agreement"},                  # does the image show its mask?
-    {"name": "utility"},                         # does a segmenter trained with the pairs do better?
+    {"name": "utility", "n_real": ["all"]},      # does a segmenter trained with the pairs do better?
 )
 
 
