@@ -8,7 +8,7 @@ memory of a row is its own. Ratios compare samplers on the same model and carry 
 scale; absolute numbers describe this machine. Results go to ``benchmarks/RESULTS.md``.
 
     python benchmarks/run.py                # the whole table, about 10-15 minutes on two CPU cores
-    python benchmarks/run.py --only ddpm4   # one generator
+    python benchmarks/run.py --only ddpm4   # re-measure one generator; the other rows are kept
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ CASES = [
           Variant("DDIM (Stable Diffusion default)", {"scheduler": "ddim", "sampling_steps": 50}, "50", paper=True)],
          train={"generator": "sd-attention", "options": {**TINY_SD, "grounding_steps": 2, "checkpoint_every": 2}}),
     Case("um2i",
-         {"mask_source": {"name": "real-masks"}, "generator": {"name": "um2i", "checkpoint": "{ckpt}"}},
+         {"mask_source": {"name": "real-masks"},
+          "generator": {"name": "um2i", "checkpoint": "{ckpt}", "condition": "mask"}},
          [Variant("one generator pass (GAN)", {}, "1", paper=True)],
          train={"generator": "um2i", "options": {"condition": "mask", "size": SIZE, "supervised_steps": 2,
                                                  "semi_steps": 0, "vum_steps": 0, "checkpoint_every": 2}},
@@ -134,11 +135,17 @@ def main() -> None:
             for name in REFINERS for size in (64, 256)]
     for r in refine_rows:
         print(f"{r['refiner']:<20}{r['size']:>5} px {r['per_second']:10.1f} images/s {r['peak_mib']:8.0f} MiB")
+    saved = args.out.with_suffix(".json")
+    if args.only and saved.is_file():  # re-measured generators replace their rows, the rest are kept
+        old = json.loads(saved.read_text())
+        rows = [r for r in old["rows"] if r["case"] not in args.only] + rows
+        rows.sort(key=lambda r: [c.name for c in CASES].index(r["case"]))
+        refine_rows = old["refine_rows"]
+    saved.write_text(json.dumps({"rows": rows, "refine_rows": refine_rows}, indent=1) + "\n")
     table = render(rows, refine_rows)
     print(table)
-    if not args.only:
-        args.out.write_text(table)
-        print(f"written: {args.out}")
+    args.out.write_text(table)
+    print(f"written: {args.out} and {saved}")
 
 
 def _spawn(task: dict[str, Any]) -> dict[str, Any]:
