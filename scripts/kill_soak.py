@@ -4,7 +4,7 @@ At the end the run must hold exactly the requested pairs, its manifest must name
 on disk, and (unless ``--no-reference``) every file must equal an uninterrupted run's. The test
 suite runs a small version of this (tests/test_kill_resume.py); this is the large one.
 
-    python scripts/kill_soak.py --pairs 5000 --kills 40              # about 10 minutes on 2 cores
+    python scripts/kill_soak.py --pairs 5000 --kills 40              # tens of minutes on 2 cores
     python scripts/kill_soak.py --pairs 2000 --kills 20 --processes 2
 """
 
@@ -36,6 +36,12 @@ def files(out: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "dataset.json"}
 
 
+def decided(out: Path) -> int:
+    """Manifest records of a run folder, its shards' included."""
+    manifests = [out / "manifest.jsonl", *out.glob("shards/rank-*/manifest.jsonl")]
+    return sum(p.read_bytes().count(b"\n") for p in manifests if p.is_file())
+
+
 def check(out: Path, pairs: int) -> None:
     """The run holds exactly ``pairs`` kept pairs and its manifest names exactly its files."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,8 +62,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5000)
     parser.add_argument("--kills", type=int, default=40, help="SIGKILLs before the run is let finish.")
     parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--min-wait", type=float, default=1.0, help="Shortest life of a run, seconds.")
-    parser.add_argument("--max-wait", type=float, default=8.0, help="Longest life of a run, seconds.")
+    parser.add_argument("--min-wait", type=float, default=3.0, help="Shortest life of a run, seconds.")
+    parser.add_argument("--max-wait", type=float, default=12.0, help="Longest life of a run, seconds.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-reference", action="store_true", help="Skip the uninterrupted run.")
     parser.add_argument("--keep", type=Path, help="Keep the runs in this folder.")
@@ -83,8 +89,7 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             kills += 1
-            merged = len(list((soaked / "images").glob("*.png"))) if (soaked / "images").is_dir() else 0
-            print(f"kill {kills}: {merged} pairs merged so far", flush=True)
+            print(f"kill {kills}: {decided(soaked)} manifest records on disk", flush=True)
     soak_seconds = time.monotonic() - started
     check(soaked, args.pairs)
     print(f"{kills} kills, {soak_seconds:.0f} s: {args.pairs} pairs, manifest and files agree")
