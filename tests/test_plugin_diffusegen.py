@@ -444,3 +444,22 @@ def test_gradient_accumulation_averages_batches_and_resumes_exactly(demo_dir: Pa
     train("stopped", 2, 2, "--resume")
     resumed = _weights(stopped, "all")
     assert all(torch.equal(resumed[k], ours[k]) for k in ours)  # bit for bit the uninterrupted training
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm-solver++"])
+def test_every_sampler_keeps_an_untrained_model_in_range(scheduler: str) -> None:
+    """An untrained model's x0 predictions stray far out of [-1, 1]; every sampler clips them, so the
+    pairs stay pictures rather than saturated noise."""
+    from medsynth_plugins.diffusegen.ddpm4 import sample_pairs
+
+    torch.manual_seed(3)
+    unet = build_unet(size=16, planes=2, learn_sigma=False, block_out_channels=(8, 16), layers_per_block=1,
+                      attention_resolutions=(), attention_head_dim=8, norm_num_groups=4, resblock_updown=True,
+                      dropout=0.0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(4)  # an exaggerated untrained network
+    bundle = DiffusionBundle.in_memory({0: unet}, channels=1, clusters=Clusters.single(["a"]))
+    pairs = sample_pairs(bundle, 0, [0, 1], scheduler, 10)
+    assert torch.isfinite(pairs).all()
+    assert float(pairs.abs().max()) <= 1.0 + 1e-5

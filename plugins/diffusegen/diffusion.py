@@ -152,7 +152,10 @@ def make_scheduler(name: SchedulerName, learn_sigma: bool):
                              clip_sample=True, timestep_spacing="linspace")
     if name == "ddim":
         return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
-    return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    # x0 clipped to [-1, 1] at every step, as DDPM and DDIM do here (DPM-Solver++'s thresholding with a
+    # maximum of 1): without it a pixel-space model that is not yet converged drifts out of range
+    return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, thresholding=True,
+                                       sample_max_value=1.0)
 
 
 def jump_schedule(start: int, jump_length: int, jump_n_sample: int) -> list[int]:
