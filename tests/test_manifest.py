@@ -177,3 +177,12 @@ def test_remove_temporaries(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png", "tmp-not-ours.png"]
     assert remove_temporaries(tmp_path) == 0
     assert remove_temporaries(tmp_path / "missing") == 0
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
+    """A temporary file is private (0600); the finished file has the mode a plain open() gives."""
+    target = tmp_path / "pair.png"
+    write_bytes_atomic(target, b"x")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
