@@ -125,9 +125,9 @@ class DDPM4Generator(Generator):
     Config = DDPM4Config
     trainable = True
     makes = frozenset({"soft_mask"})
-    recipe = {  # CPU-sized: one small 32 px image+mask model (Full-Diff), sampled with DPM-Solver++
+    recipe = {  # CPU-sized: one small 32 px image+mask model (Full-Diff), a few CPU-minutes, DPM-Solver++
         "train": {"size": 32, "per_cluster": False, "block_out_channels": [32, 64], "attention_resolutions": [16],
-                  "attention_head_dim": 32, "layers_per_block": 1, "steps": 300, "save_every": 100},
+                  "attention_head_dim": 32, "layers_per_block": 1, "steps": 2000, "save_every": 500},
         "generator": {"scheduler": "dpm-solver++", "inference_steps": 25},
         "refiners": [{"name": "threshold"}],
     }
