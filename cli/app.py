@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
 from .console import settings
@@ -22,6 +24,8 @@ def _global(
 ) -> None:
     settings.quiet = quiet
     settings.debug = debug
+    if not debug:  # a deprecation inside clean-fid's imports, not the user's to act on
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.interface` is deprecated", category=FutureWarning)
 
 
 from . import (  # noqa: E402,F401
