@@ -20,7 +20,7 @@ from .config import config_to_dict
 from .errors import PipelineError
 from .image_io import encode_png_image, encode_png_mask
 from .pipeline import Pipeline
-from .roles import Component, Refiner
+from .roles import NETWORK_TUNER, Component, Refiner
 from .sample import Condition, Sample
 from .seeds import sample_seed
 
@@ -145,17 +145,23 @@ def stage_record(component: Component) -> dict[str, Any]:
 
 
 def prepare_networks(pipeline: Pipeline) -> None:
-    """Apply ``[run] channels_last`` and ``compile`` to the loaded generator's networks."""
+    """Apply ``[run] channels_last`` and ``compile`` to the loaded generator's networks, and to those
+    it loads later through ``Generator.tune``."""
     run = pipeline.spec.run
     if not (run.channels_last or run.compile):
         return
     import torch
 
-    for network in pipeline.generator.networks():
+    def tune(network: Any) -> Any:
         if run.channels_last:
             network.to(memory_format=torch.channels_last)
         if run.compile:
             network.compile()
+        return network
+
+    pipeline.generator.context.extras[NETWORK_TUNER] = tune  # for networks the generator loads later
+    for network in pipeline.generator.networks():
+        tune(network)
 
 
 def _complete(sample: Sample, condition: Condition, index: int, seed: int, pipeline: Pipeline) -> Sample:

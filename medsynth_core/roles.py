@@ -38,6 +38,9 @@ class Context:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+NETWORK_TUNER = "network_tuner"  # context.extras key: the run's channels_last / compile, as a function
+
+
 class Component:
     """Base of all components: a name, a description, a typed config and a context."""
 
@@ -133,6 +136,12 @@ class Generator(Component):
         """The torch modules ``generate`` runs, once loaded; the runner applies ``[run]``
         ``channels_last`` and ``compile`` to them. Optional: the default is none."""
         return []
+
+    def tune(self, network: Any) -> Any:
+        """Apply the run's ``channels_last`` and ``compile`` to a network loaded later, on demand
+        (a generator that loads models lazily calls it on each); returns the network."""
+        tuner = self.context.extras.get(NETWORK_TUNER)
+        return tuner(network) if tuner is not None else network
 
 
 class Refiner(Component):

@@ -463,3 +463,16 @@ def test_every_sampler_keeps_an_untrained_model_in_range(scheduler: str) -> None
     pairs = sample_pairs(bundle, 0, [0, 1], scheduler, 10)
     assert torch.isfinite(pairs).all()
     assert float(pairs.abs().max()) <= 1.0 + 1e-5
+
+
+def test_cluster_models_loaded_on_demand_are_tuned_by_the_run(demo_dir: Path, tmp_path: Path) -> None:
+    """ddpm4 loads its cluster models lazily; [run] channels_last reaches them through Generator.tune."""
+    from medsynth_core import Context
+    from medsynth_core.roles import NETWORK_TUNER
+
+    generator = DDPM4Generator(DDPM4Config(**TINY), context=Context())
+    generator.use(tiny_bundle(channels=1))
+    generator.context.extras[NETWORK_TUNER] = lambda net: net.to(memory_format=torch.channels_last)
+    unet = generator.bundle.unet(0)
+    conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -65,11 +65,24 @@ class NetGenerator(Generator):
         return [Sample(image=c.mask.astype(np.float32), mask=c.mask, meta=dict(state)) for c in conditions]
 
 
+class LazyNetGenerator(NetGenerator):
+    """Loads its network on first use, as generators with many models do, and tunes it then."""
+
+    def networks(self) -> list[Any]:
+        return []
+
+    def generate(self, conditions, seeds):
+        if not getattr(self, "loaded", False):
+            self.net, self.loaded = self.tune(torch.nn.Conv2d(2, 4, 3)), True
+        return super().generate(conditions, seeds)
+
+
 class _Plugin:
     @hookimpl
     def register_generators(self, register):
         register("slow-augment", SlowAugment)
         register("net", NetGenerator)
+        register("lazy-net", LazyNetGenerator)
 
     @hookimpl
     def register_refiners(self, register):
@@ -150,10 +163,11 @@ def test_precision_is_part_of_the_fingerprint(registry: Registry, demo_dir: Path
     assert plain.fingerprint() != pipeline.fingerprint()
 
 
+@pytest.mark.parametrize("generator", ["net", "lazy-net"])
 def test_channels_last_and_compile_reach_the_generators_networks(registry: Registry, demo_dir: Path,
-                                                                 tmp_path: Path) -> None:
-    _run(registry, demo_dir, tmp_path / "plain", generator="net")
-    _run(registry, demo_dir, tmp_path / "tuned", generator="net", channels_last=True, compile=True)
+                                                                 tmp_path: Path, generator: str) -> None:
+    _run(registry, demo_dir, tmp_path / "plain", generator=generator)
+    _run(registry, demo_dir, tmp_path / "tuned", generator=generator, channels_last=True, compile=True)
     for name, expected in (("plain", False), ("tuned", True)):
         records = read_manifest(tmp_path / name / "manifest.jsonl")
         assert {r["meta"]["channels_last"] for r in records} == {expected}

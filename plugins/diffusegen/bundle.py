@@ -64,6 +64,7 @@ class DiffusionBundle:
         self.device, self.max_models, self.source = device, max(1, max_models), source
         self._loader = loader
         self._cache: OrderedDict[int, Any] = OrderedDict()
+        self.on_load: Callable[[Any], Any] | None = None  # e.g. Generator.tune: the run's channels_last/compile
 
     @property
     def planes(self) -> int:
@@ -82,6 +83,8 @@ class DiffusionBundle:
         while len(self._cache) >= self.max_models:
             self._cache.popitem(last=False)
         unet = self._loader(index).to(self.device).eval().requires_grad_(False)
+        if self.on_load is not None:
+            unet = self.on_load(unet)
         self._cache[index] = unet
         return unet
 

@@ -293,6 +293,7 @@ class DDPM4Generator(Generator):
     def load(self, checkpoint: Path) -> None:
         self.bundle = DiffusionBundle.open(checkpoint, device=self.context.device,
                                            max_models=self.config.max_models_in_memory)
+        self.bundle.on_load = self.tune  # cluster models load on demand
         card = read_checkpoint_card(checkpoint, expected=self.name)
         if not card.get("complete", False):
             self.context.log(f"diffusegen: {checkpoint} is not fully trained ({card.get('models')})")
@@ -301,6 +302,7 @@ class DDPM4Generator(Generator):
     def use(self, bundle: DiffusionBundle) -> None:
         """Sample from models already in memory instead of a checkpoint folder."""
         self.bundle = bundle
+        self.bundle.on_load = self.tune
         self._check_cluster()
 
     def _check_cluster(self) -> None:

@@ -85,6 +85,7 @@ class RePaintGenerator(Generator):
                               "(`medsynth train ddpm4 --out FOLDER`)")
         self.bundle = bundle or DiffusionBundle.shared(Path(self.config.model), device=self.context.device,
                                                      max_models=self.config.max_models_in_memory)
+        self.bundle.on_load = self.tune  # cluster models load on demand
 
     def generate(self, conditions: Sequence[Condition], seeds: Sequence[int]) -> list[Sample]:
         bundle = self.bundle
