@@ -50,6 +50,8 @@ from medsynth_core import (
     SilentProgress,
     torch_generator,
 )
+from medsynth_core.atomic import write_json_atomic
+from medsynth_core.config import config_to_dict
 from medsynth_core.training import make_accelerator, step_generator
 
 from .images import image_batch
@@ -860,3 +862,23 @@ def check_size(base: SDBase, size: int, option_name: str = "resolution") -> None
         up = math.ceil(size / multiple) * multiple
         raise ConfigError(f"{option_name} {size} does not suit base {base.source!r}: use a multiple of {multiple} "
                           f"(e.g. {up})")
+
+
+# Options of controlnet and sd-attention that fix the networks a training folder holds
+ARCHITECTURE = ("base", "resolution", "small_base", "base_widths", "prompt_template", "seed")
+RUN_FILE = "train-options.json"
+
+
+def check_resumable(workdir: Path, cfg: Any, write: bool = True) -> None:
+    """Record the options that fix the networks (when ``write``); refuse to resume with different ones."""
+    chosen = {k: v for k, v in config_to_dict(cfg).items() if k in ARCHITECTURE}
+    path = workdir / RUN_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        for key, value in chosen.items():
+            if key in before and before[key] != value:
+                raise ConfigError(f"{workdir}: was trained with {key} = {before[key]!r}, not {value!r}; resume with "
+                                  "the same value or choose another --out")
+        return
+    if write:
+        write_json_atomic(path, chosen)

@@ -12,17 +12,14 @@ import numpy as np
 import torch
 
 from medsynth_core import (
-    ConfigError,
     Context,
     Dataset,
     DatasetError,
     Sample,
-    config_to_dict,
     read_image,
     write_checkpoint_card,
     write_png_image,
 )
-from medsynth_core.atomic import write_json_atomic
 from medsynth_plugins.common.images import image_batch
 from medsynth_plugins.common.sd_base import (
     SMALL,
@@ -30,6 +27,7 @@ from medsynth_plugins.common.sd_base import (
     SDBase,
     SmallBaseRecipe,
     StepCheckpoints,
+    check_resumable,
     check_size,
     diffusion_loss,
     frozen_dtype,
@@ -47,9 +45,7 @@ from .conditions import condition_batch, grid, grid_tiles
 from .sampling import ControlNetSampler, SamplingOptions
 
 # options that fix the networks: a resumed run must keep them
-ARCHITECTURE = ("base", "resolution", "small_base", "base_widths", "prompt_template", "seed")
 SMALL_RESOLUTION = 64
-RUN_FILE = "train-options.json"
 
 
 def embedding_channels(vae_factor: int) -> tuple[int, ...]:
@@ -159,7 +155,7 @@ def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
         base = load_sd_base(base_ref, device=acc.device, dtype=dtype)
         check_size(base, cfg.resolution or base.resolution)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_resumable(workdir, cfg, write=main)
+    check_resumable(workdir, cfg, write=main)
     if base is None:
         folder = train_small_base(dataset, workdir, recipe, progress=ctx.progress, log=ctx.log, labels=labels,
                                   accelerator=acc)
@@ -222,21 +218,6 @@ def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
     acc.wait_for_everyone()
     acc.free_memory()
     return workdir
-
-
-def _check_resumable(workdir: Path, cfg: Any, write: bool = True) -> None:
-    """Record the options that fix the networks (when ``write``); refuse to resume with different ones."""
-    chosen = {k: v for k, v in config_to_dict(cfg).items() if k in ARCHITECTURE}
-    path = workdir / RUN_FILE
-    if path.is_file():
-        before = json.loads(path.read_text())
-        for key, value in chosen.items():
-            if key in before and before[key] != value:
-                raise ConfigError(f"{workdir}: was trained with {key} = {before[key]!r}, not {value!r}; resume with "
-                                  "the same value or choose another --out")
-        return
-    if write:
-        write_json_atomic(path, chosen)
 
 
 class _Validation:

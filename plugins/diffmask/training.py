@@ -11,7 +11,6 @@ already has. With a given SD folder it is off by default (the paper uses SD as i
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,14 +19,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medsynth_core import ConfigError, Dataset, DatasetError, Sample, config_to_dict, write_checkpoint_card
-from medsynth_core.atomic import write_json_atomic
+from medsynth_core import Dataset, DatasetError, Sample, write_checkpoint_card
 from medsynth_plugins.common.images import image_batch, mask_batch
 from medsynth_plugins.common.sd_base import (
     SMALL,
     LossLog,
     SmallBaseRecipe,
     StepCheckpoints,
+    check_resumable,
     check_size,
     diffusion_loss,
     frozen_dtype,
@@ -43,9 +42,7 @@ from medsynth_plugins.common.sd_base import (
 
 from .attention import grid_size, record_attention, token_positions
 
-ARCHITECTURE = ("base", "resolution", "small_base", "base_widths", "prompt_template", "seed")
 SMALL_RESOLUTION = 64
-RUN_FILE = "train-options.json"
 PROMPT_DROPOUT = 0.1  # as the small base: keeps the unconditional prediction for guidance
 
 
@@ -127,7 +124,7 @@ def train(component: Any, dataset: Dataset, workdir: Path) -> Path:
         raise DatasetError(f"{dataset.name}: no image has a mask; the prompts name the classes of the masks")
     acc = training_accelerator(ctx, cfg.mixed_precision, seed=cfg.seed)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_resumable(workdir, cfg, write=acc.is_main_process)
+    check_resumable(workdir, cfg, write=acc.is_main_process)
     labels = dict(dataset.labels)
     channels = 3 if any(s.image.ndim == 3 for s in samples) else 1
     dtype = frozen_dtype(acc)
@@ -251,18 +248,3 @@ def _ground(component: Any, acc: Any, samples: Sequence[Sample], labels: dict[st
         shutil.rmtree(workdir / "grounding-train", ignore_errors=True)
     acc.wait_for_everyone()
     return step
-
-
-def _check_resumable(workdir: Path, cfg: Any, write: bool = True) -> None:
-    """Record the options that fix the networks (when ``write``); refuse to resume with different ones."""
-    chosen = {k: v for k, v in config_to_dict(cfg).items() if k in ARCHITECTURE}
-    path = workdir / RUN_FILE
-    if path.is_file():
-        before = json.loads(path.read_text())
-        for key, value in chosen.items():
-            if key in before and before[key] != value:
-                raise ConfigError(f"{workdir}: was trained with {key} = {before[key]!r}, not {value!r}; resume with "
-                                  "the same value or choose another --out")
-        return
-    if write:
-        write_json_atomic(path, chosen)
